@@ -1,0 +1,67 @@
+"""ASE calculator for a trained :class:`~alflow.model.potential.DeltaPotential`.
+
+``results``: energy / free_energy (eV) and forces (eV/Å) are the ensemble means; energy_std,
+forces_std [N, 3] and uncertainty (max over free atoms of the per-atom norm of forces_std, eV/Å)
+describe the spread. Like every ASE calculator it returns raw forces: ``atoms.get_forces()``
+applies the constraints, and fixed atoms are left out of ``uncertainty``.
+
+The neighbour graph (pairs and triplets within cutoff + skin) is kept between calls and rebuilt
+only when an atom has moved more than skin / 2 or the cell, pbc or species change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from alflow.model.descriptors import build_graph, contraction_plan
+from alflow.model.ensemble import ensemble_statistics
+from alflow.model.potential import DeltaPotential, free_mask
+
+
+class DeltaCalculator(Calculator):
+    """Ensemble-mean energy and forces of a DeltaPotential, with its uncertainty."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "energy_std", "forces_std", "uncertainty"]
+
+    def __init__(self, potential: DeltaPotential, skin: float = 0.3, **kwargs):
+        super().__init__(**kwargs)
+        if not potential.is_trained:
+            raise ValueError("the potential is not trained: call fit() or load() first")
+        if skin < 0:
+            raise ValueError(f"skin must be >= 0, got {skin}")
+        self.potential = potential
+        self.skin = float(skin)
+        self._graph = None
+        self._plan = None
+        self._reference: np.ndarray | None = None  # positions at the last rebuild
+
+    def _graph_for(self, atoms, system_changes):
+        structural = {"numbers", "cell", "pbc"} & set(system_changes)
+        moved = (
+            np.inf
+            if self._reference is None or structural
+            else float(np.sqrt(((atoms.positions - self._reference) ** 2).sum(1).max(initial=0.0)))
+        )
+        if moved > 0.5 * self.skin:
+            self._graph = build_graph([atoms], self.potential.descriptor, skin=self.skin, names=["structure"])
+            self._plan = contraction_plan(self._graph, self.potential.descriptor.n_features)
+            self._reference = atoms.positions.copy()
+        else:
+            self._graph.positions = torch.from_numpy(np.ascontiguousarray(atoms.positions, dtype=np.float64))
+        return self._graph
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        graph = self._graph_for(self.atoms, system_changes)
+        ev = self.potential.evaluate(graph, self._plan)
+        pred = ensemble_statistics(ev.energies[:, 0], ev.forces, torch.from_numpy(free_mask(self.atoms)))
+        self.results = {
+            "energy": pred.energy,
+            "free_energy": pred.energy,
+            "forces": pred.forces.numpy(),
+            "energy_std": pred.energy_std,
+            "forces_std": pred.forces_std.numpy(),
+            "uncertainty": pred.uncertainty,
+        }

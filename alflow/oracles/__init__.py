@@ -1,0 +1,88 @@
+"""Oracles: factories of the ASE calculators that provide reference energies and forces.
+
+``calculator_factory(kind, options)`` returns a zero-argument callable that builds a fresh
+calculator; ``describe(kind, options)`` names it for provenance fields.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Mapping
+
+import ase
+from ase.calculators.calculator import Calculator
+from ase.calculators.emt import EMT
+
+KINDS = ("emt", "python")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown oracle kind '{kind}' (known: {', '.join(KINDS)})")
+
+
+def _emt_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(EMT.default_parameters))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for the emt oracle "
+            f"(known: {', '.join(EMT.default_parameters)})"
+        )
+    return dict(options)
+
+
+def _python_options(options: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    unknown = sorted(set(options) - {"callable", "kwargs"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for the python oracle (known: callable, kwargs)")
+    spec = options.get("callable")
+    if not spec:
+        raise ValueError("the python oracle needs options['callable'] = 'package.module:function'")
+    kwargs = options.get("kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"the python oracle's options['kwargs'] must be a mapping, got {kwargs!r}")
+    return spec, dict(kwargs)
+
+
+def import_callable(spec: str) -> Callable[..., Any]:
+    """The object named by ``'package.module:function'`` (the part after ':' may be dotted)."""
+    module_name, sep, attr = spec.partition(":")
+    if not (module_name and sep and attr):
+        raise ValueError(f"oracle callable '{spec}' is not of the form 'package.module:function'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for name in attr.split("."):
+            obj = getattr(obj, name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import oracle callable '{spec}': {exc}") from exc
+    if not callable(obj):
+        raise ValueError(f"oracle callable '{spec}' is not callable")
+    return obj
+
+
+def calculator_factory(kind: str, options: Mapping[str, Any] | None = None) -> Callable[[], Calculator]:
+    """Zero-argument factory of fresh calculators of oracle ``kind``.
+
+    ``"emt"``: ASE's EMT, ``options`` are its parameters. ``"python"``: ``options`` are
+    ``{"callable": "package.module:function", "kwargs": {...}}``; the function is imported now
+    and called with ``kwargs`` each time, and must return an ASE calculator.
+    """
+    _check_kind(kind)
+    options = options or {}
+    if kind == "emt":
+        emt_kwargs = _emt_options(options)
+        return lambda: EMT(**emt_kwargs)
+    spec, kwargs = _python_options(options)
+    function = import_callable(spec)
+    return lambda: function(**kwargs)
+
+
+def describe(kind: str, options: Mapping[str, Any] | None = None) -> str:
+    """Human-readable name of the oracle, e.g. ``"EMT (ASE 3.29.0)"``."""
+    _check_kind(kind)
+    options = options or {}
+    if kind == "emt":
+        extra = "".join(f", {k}={v!r}" for k, v in _emt_options(options).items())
+        return f"EMT (ASE {ase.__version__}{extra})"
+    spec, kwargs = _python_options(options)
+    return f"{spec}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
