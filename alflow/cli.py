@@ -1,6 +1,7 @@
 """Command-line interface: ``alflow <command> ...``.
 
-Commands: ``fit-morse`` (fit element Morse parameters to an oracle's dimers).
+Commands: ``fit-morse`` (fit element Morse parameters to an oracle's dimers), ``demo`` (fit the
+Δ-ML ensemble to EMT-labelled C/Cu(100) structures and report its accuracy and cost).
 Errors print one line ``alflow: error: ...`` on stderr; exit code 2 for usage errors, 1 for runtime ones.
 """
 
@@ -96,6 +97,14 @@ def cmd_fit_morse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``alflow demo``: fit and evaluate the model on the paper's C/Cu(100) system with EMT."""
+    from alflow.demo import format_report, run_demo
+
+    print(format_report(run_demo(args.output, args.seed)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alflow", description="Active-learning Δ-ML interatomic potentials.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -110,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--callable", metavar="MODULE:FUNCTION", help="function returning an ASE calculator (--oracle python)")
     fit.add_argument("--output", type=Path, metavar="FILE.json", help="write the table as JSON")
     fit.set_defaults(func=cmd_fit_morse)
+
+    demo = commands.add_parser("demo", help="fit the Δ-ML ensemble to EMT-labelled C/Cu(100) and report")
+    demo.add_argument("--output", type=Path, default=Path("alflow-demo"), metavar="DIR", help="where the model is saved")
+    demo.add_argument("--seed", type=int, default=0, help="ensemble seed")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -12,6 +12,7 @@ every periodic image inside the cutoff, so cells smaller than the cutoff are han
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -22,6 +23,10 @@ from ase.data import covalent_radii
 from matscipy.neighbours import neighbour_list
 
 DTYPE = torch.float64
+
+# torch announces its (stable for what we use: CSR @ dense, CSR @ CSR) sparse CSR API on every use
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 #: Atoms closer than this fraction of the sum of their covalent radii are "overlapping".
 OVERLAP_FRACTION = 0.5

@@ -146,7 +146,7 @@ def train_member(
     quiet = 0
     for _ in range(settings.epochs):
         history.learning_rate.append(optimizer.param_groups[0]["lr"])
-        loss = float(optimizer.step(closure))
+        loss = float(optimizer.step(closure).detach())
         scheduler.step()
         if optimizer.state[optimizer._params[0]].get("t") == 0:
             # the line search found no better point along the quasi-Newton direction: restart
