@@ -48,7 +48,12 @@ def rattled(seed: int, stdev: float = 0.1, labelled: bool = True) -> Atoms:
 
 
 def free_atoms(atoms: Atoms) -> np.ndarray:
-    return ~np.isin(np.arange(len(atoms)), atoms.constraints[0].index) if atoms.constraints else np.ones(len(atoms), bool)
+    """True for atoms that no FixAtoms constraint holds: [N] bool."""
+    free = np.ones(len(atoms), dtype=bool)
+    for c in atoms.constraints:
+        if isinstance(c, FixAtoms):
+            free[c.index] = False
+    return free
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ every periodic image inside the cutoff, so cells smaller than the cutoff are han
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -138,19 +139,17 @@ def species_indices(atoms: Atoms, elements: Sequence[str], where: str = "structu
 
 def _pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Directed pairs (i, j, distance, Cartesian image offset) within ``cutoff``, all images."""
-    if len(atoms) < 2 and not atoms.pbc.any():
-        return (np.zeros(0, int), np.zeros(0, int), np.zeros(0), np.zeros((0, 3)))
     if atoms.pbc.any():
         if abs(atoms.cell.volume) < 1e-9:
             raise ValueError("a periodic structure needs a cell with non-zero volume")
         i, j, d, S = neighbour_list("ijdS", atoms, cutoff)
-        offset = S @ atoms.cell.array
-    else:  # matscipy shrink-wraps a box around non-periodic structures
-        i, j, d, S = neighbour_list(
-            "ijdS", positions=atoms.positions, cutoff=cutoff, numbers=atoms.numbers, pbc=[False] * 3
-        )
-        offset = np.zeros((len(i), 3))
-    return i, j, d, offset
+        return i, j, d, S @ atoms.cell.array
+    # isolated structure: an explicit box that pads the atoms' extent by the cutoff (matscipy's
+    # own shrink-wrapped box is singular for flat structures such as a dimer on an axis)
+    positions = atoms.positions - atoms.positions.min(0) + cutoff
+    box = np.diag(np.ptp(atoms.positions, 0) + 2.0 * cutoff)
+    i, j, d = neighbour_list("ijd", positions=positions, cell=box, pbc=[False] * 3, cutoff=cutoff)
+    return i, j, d, np.zeros((len(i), 3))
 
 
 def check_overlaps(atoms: Atoms, i: np.ndarray, j: np.ndarray, d: np.ndarray, where: str) -> None:
@@ -308,6 +307,7 @@ def pair_vectors(graph: NeighborGraph, positions: torch.Tensor) -> torch.Tensor:
     return positions.index_select(0, graph.pair_j) - positions.index_select(0, graph.pair_i) + graph.pair_offset
 
 
+@functools.lru_cache(maxsize=32)
 def _channels(sf: SymmetryFunctions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """G2 η [H2] and G4 (η, ζ, λ, 2^(1−ζ)) per channel [H4], η divided by Rc² (AMP convention)."""
     rc2 = sf.cutoff**2
@@ -315,6 +315,9 @@ def _channels(sf: SymmetryFunctions) -> tuple[torch.Tensor, dict[str, torch.Tens
     col = lambda k: torch.tensor([c[k] for c in combos], dtype=DTYPE)  # noqa: E731
     g4 = {"eta": col(0) / rc2, "zeta": col(1), "lambda": col(2)}
     g4["norm"] = 2.0 ** (1.0 - g4["zeta"])
+    unique = sorted(set(sf.g4_etas))
+    g4["eta_unique"] = torch.tensor(unique, dtype=DTYPE) / rc2
+    g4["eta_index"] = torch.tensor([unique.index(c[0]) for c in combos])
     return torch.tensor(sf.g2_etas, dtype=DTYPE) / rc2, g4
 
 
@@ -371,33 +374,42 @@ def descriptors_with_derivatives(sf: SymmetryFunctions, graph: NeighborGraph) ->
     """Features [N, F] and the derivatives of every term with respect to its invariants.
 
     The derivatives of :func:`radial_terms` and :func:`angular_terms` are written out in closed
-    form (chain rule through fc, the Gaussian and (1 + λ cosθ)^ζ): on the 13-atom slab autograd
-    through the ~7,500 triplets cost 4 ms a call against 1 ms for an EMT call. The autograd path
-    (:func:`symmetry_functions`) remains the reference; the tests hold the two to 1e-10.
+    form (chain rule through fc, the Gaussians and (1 + λ cosθ)^ζ): on the 13-atom slab autograd
+    through the ~7,500 triplets cost 4 ms a call against 1 ms for an EMT call. Everything that
+    depends on one leg of an angle (fc, its slope, exp(−η R²)) is computed once per pair and
+    gathered. The autograd path (:func:`symmetry_functions`) remains the reference; the tests
+    hold the two to 1e-10.
     """
     g2, g4 = _channels(sf)
     rc = sf.cutoff
+    a, b = graph.triplet_ij, graph.triplet_ik
     vec = pair_vectors(graph, graph.positions)
-    r2, u, w, s = (x.unsqueeze(-1) for x in _invariants(graph, vec))
-    fc, dfc = _cutoff_and_slope(torch.sqrt(r2), rc)
-    gauss = torch.exp(-g2 * r2)
-    t2 = gauss * fc
-    d_radial = gauss * (dfc - g2 * fc)
+    r2 = (vec * vec).sum(-1)
+    fc, dfc = _cutoff_and_slope(torch.sqrt(r2), rc)  # [P], dfc = dfc/d(R²)
+    gauss = torch.exp(-g2 * r2.unsqueeze(-1))  # [P, H2]
+    t2 = gauss * fc.unsqueeze(-1)
+    d_radial = gauss * (dfc.unsqueeze(-1) - g2 * fc.unsqueeze(-1))
 
-    r_ij, r_ik, r_jk = torch.sqrt(u), torch.sqrt(w), torch.sqrt(u + w - 2.0 * s)
-    (f_a, df_a), (f_b, df_b), (f_c, df_c) = (_cutoff_and_slope(x, rc) for x in (r_ij, r_ik, r_jk))
+    etas = g4["eta_unique"]  # [E]
+    leg = torch.exp(-etas * r2.unsqueeze(-1))  # exp(−η R²) per pair [P, E]
+    u, w = r2.index_select(0, a).unsqueeze(-1), r2.index_select(0, b).unsqueeze(-1)  # [T, 1]
+    s = (vec.index_select(0, a) * vec.index_select(0, b)).sum(-1, keepdim=True)
+    r2_jk = u + w - 2.0 * s
+    f_c, df_c = _cutoff_and_slope(torch.sqrt(r2_jk), rc)
+    f_a, df_a = fc.index_select(0, a).unsqueeze(-1), dfc.index_select(0, a).unsqueeze(-1)
+    f_b, df_b = fc.index_select(0, b).unsqueeze(-1), dfc.index_select(0, b).unsqueeze(-1)
     f_ab = f_a * f_b
     fc3 = f_ab * f_c
-    # ∂fc3/∂(u, w, s) and ∂cosθ/∂(u, w, s), each [3, T, 1]; R_jk² = u + w − 2s
     jk = f_ab * df_c
-    d_fc3 = torch.stack([df_a * f_b * f_c + jk, f_a * df_b * f_c + jk, -2.0 * jk])
-    inv = 1.0 / (r_ij * r_ik)
+    d_fc3 = torch.stack([df_a * f_b * f_c + jk, f_a * df_b * f_c + jk, -2.0 * jk])  # ∂fc3/∂(u, w, s)
+    inv = torch.rsqrt(u * w)
     cos_t = s * inv
-    d_cos = torch.stack([-0.5 * cos_t / u, -0.5 * cos_t / w, inv])
-    base = (1.0 + g4["lambda"] * cos_t).clamp_min(0.0)  # [T, H4]
-    ang = _power(base, g4["zeta"])
-    gauss4 = g4["norm"] * torch.exp(-2.0 * g4["eta"] * (u + w - s))
-    p_ang = gauss4 * ang
+    d_cos = torch.stack([-0.5 * cos_t / u, -0.5 * cos_t / w, inv])  # ∂cosθ/∂(u, w, s) [3, T, 1]
+    # 2^(1−ζ) exp(−η (R_ij² + R_ik² + R_jk²)) per η, spread over the (ζ, λ) channels of each η
+    gauss4 = (leg.index_select(0, a) * leg.index_select(0, b) * torch.exp(-etas * r2_jk))
+    gauss4 = gauss4.index_select(1, g4["eta_index"]) * g4["norm"]  # [T, H4]
+    base = (1.0 + g4["lambda"] * cos_t).clamp_min(0.0)
+    p_ang = gauss4 * _power(base, g4["zeta"])
     t4 = p_ang * fc3
     p_cos = gauss4 * fc3 * g4["zeta"] * g4["lambda"] * _power(base, g4["zeta"] - 1.0)  # ∂t4/∂cosθ
     d_q = torch.tensor([2.0, 2.0, -2.0], dtype=DTYPE).view(3, 1, 1)  # ∂(R_ij² + R_ik² + R_jk²)/∂(u, w, s)
@@ -425,7 +437,8 @@ class ContractionPlan:
     inv_col: torch.Tensor
     pair_crow: torch.Tensor
     pair_col: torch.Tensor
-    pair_order: torch.Tensor
+    pair_source: torch.Tensor  # flat index into vec [P·3] of each to_pairs entry
+    pair_coef: torch.Tensor
     to_atoms: torch.Tensor
     n_columns: int
 
@@ -439,21 +452,25 @@ def contraction_plan(graph: NeighborGraph, n_features: int) -> ContractionPlan:
     x3 = np.arange(3)
     t_rows = lambda legs: (legs[:, None] * 3 + x3).ravel()  # noqa: E731
     t_cols = lambda block: np.repeat(P + block * T + np.arange(T), 3)  # noqa: E731
-    # entries in the order the values are produced in positions_vjp: R², u, w, s(ij), s(ik)
+    # chain rule of R² = r·r, u = r_ij·r_ij, w = r_ik·r_ik, s = r_ij·r_ik: each entry is a
+    # coefficient times one component of one pair vector (its flat index in ``vec``)
     rows = np.concatenate([np.arange(3 * P), t_rows(ta), t_rows(tb), t_rows(ta), t_rows(tb)])
     cols = np.concatenate([np.repeat(np.arange(P), 3), t_cols(0), t_cols(1), t_cols(2), t_cols(2)])
+    src = np.concatenate([np.arange(3 * P), t_rows(ta), t_rows(tb), t_rows(tb), t_rows(ta)])
+    coef = np.concatenate([np.full(3 * (P + 2 * T), 2.0), np.ones(6 * T)])
     pair_crow, pair_col, pair_order = _csr_pattern(rows, cols, 3 * P)
     a_rows = np.concatenate([(j[:, None] * 3 + x3).ravel(), (i[:, None] * 3 + x3).ravel()])
     a_cols = np.tile(np.arange(3 * P), 2)
-    crow, col, order = _csr_pattern(a_rows, a_cols, 3 * graph.n)
-    signs = torch.from_numpy(np.concatenate([np.ones(3 * P), -np.ones(3 * P)]))[order]
+    atom_crow, atom_col, atom_order = _csr_pattern(a_rows, a_cols, 3 * graph.n)
+    signs = torch.from_numpy(np.concatenate([np.ones(3 * P), -np.ones(3 * P)]))[atom_order]
     return ContractionPlan(
         inv_crow=torch.cat([torch.arange(0, P * h2, h2), P * h2 + torch.arange(0, 3 * T * h4 + 1, h4)]),
         inv_col=torch.cat([graph.radial_index.flatten(), graph.angular_index.flatten().repeat(3)]),
         pair_crow=pair_crow,
         pair_col=pair_col,
-        pair_order=pair_order,
-        to_atoms=torch.sparse_csr_tensor(crow, col, signs, (3 * graph.n, 3 * P)),
+        pair_source=torch.from_numpy(src[pair_order.numpy()]),
+        pair_coef=torch.from_numpy(coef[pair_order.numpy()]),
+        to_atoms=torch.sparse_csr_tensor(atom_crow, atom_col, signs, (3 * graph.n, 3 * P)),
         n_columns=graph.n * n_features,
     )
 
@@ -465,9 +482,8 @@ def _factors(graph: NeighborGraph, plan: ContractionPlan, d: DescriptorDerivativ
         plan.inv_crow, plan.inv_col, torch.cat([d.d_radial.flatten(), d.d_angular.flatten()]),
         (P + 3 * T, plan.n_columns),
     )
-    va, vb = d.vec.index_select(0, graph.triplet_ij), d.vec.index_select(0, graph.triplet_ik)
-    values = torch.cat([2.0 * d.vec.flatten(), 2.0 * va.flatten(), 2.0 * vb.flatten(), vb.flatten(), va.flatten()])
-    to_pairs = torch.sparse_csr_tensor(plan.pair_crow, plan.pair_col, values[plan.pair_order], (3 * P, P + 3 * T))
+    values = d.vec.flatten().index_select(0, plan.pair_source) * plan.pair_coef
+    to_pairs = torch.sparse_csr_tensor(plan.pair_crow, plan.pair_col, values, (3 * P, P + 3 * T))
     return to_inv, to_pairs
 
 

@@ -18,9 +18,12 @@ from alflow.model.descriptors import DTYPE
 class FeatureScaler:
     """Per-element min–max scaling of descriptors to [−1, 1] on the training set.
 
-    min, inv_range: [n_elements, F]. Channels that never vary in the training data (e.g. a C–C
-    channel with a single C atom) get range 1, so they stay finite if they appear later.
+    min, inv_range: [n_elements, F]. A feature's range is floored at 5 % of its magnitude, so a
+    channel that barely varies in the training data (one structure, two near-identical ones) is
+    not stretched by orders of magnitude; a channel that is always zero gets range 1.
     """
+
+    RELATIVE_FLOOR = 0.05
 
     def __init__(self, minimum: torch.Tensor, inv_range: torch.Tensor):
         self.minimum = minimum
@@ -34,8 +37,10 @@ class FeatureScaler:
         for e in range(n_elements):
             x = features[species == e]
             if len(x):
-                lo[e], span = x.min(0).values, x.max(0).values - x.min(0).values
-                inv[e] = torch.where(span > 1e-8, 1.0 / span.clamp_min(1e-8), torch.ones_like(span))
+                lo[e] = x.min(0).values
+                floor = cls.RELATIVE_FLOOR * x.abs().max(0).values
+                span = torch.maximum(x.max(0).values - lo[e], floor)
+                inv[e] = torch.where(floor > 1e-8, 1.0 / span.clamp_min(1e-300), torch.ones_like(span))
         return cls(lo, inv)
 
     def __call__(self, features: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
