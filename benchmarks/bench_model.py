@@ -19,6 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 import torch
 from ase.calculators.emt import EMT
@@ -68,11 +69,13 @@ def call_ratio(pot: DeltaPotential, trials: int, calls: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: theirs)")
     parser.add_argument("--trials", type=int, default=7)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
+    threads = {"torch": torch.get_num_threads(), "numba": numba.get_num_threads()}
 
     base = c_cu100()
     train = rattled(base, 0.1, range(20))
@@ -92,7 +95,7 @@ def main() -> None:
     result = {
         "system": "C/Cu(100) 2x2x3 + C, 13 atoms, Rc 6.0 Å, G2 + G4 (20 features)",
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "python": platform.python_version(),
         "ensemble_call_vs_emt": calls,
         "fit_5_members_20_structures_200_epochs_s": fit_s,
@@ -101,7 +104,7 @@ def main() -> None:
         "pairs_triplets_per_structure": [len(graph.pair_i) // 20, len(graph.triplet_ij) // 20],
     }
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"model_threads{result['threads']}.json"
+    out = RESULTS / f"model_threads{threads['torch']}.json"
     out.write_text(json.dumps(result, indent=1))
     c = calls
     print(f"{'measure':<52}{'value':>24}")

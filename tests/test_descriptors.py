@@ -98,7 +98,7 @@ def test_fast_path_and_sparse_vjp_equal_autograd(name):
     plan = contraction_plan(graph, sf.n_features)
     n, F, B = graph.n, sf.n_features, 3
     cot = torch.randn(n * F, B, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    vjp = positions_vjp(graph, plan, d, cot)  # [N, 3, B]
+    vjp = positions_vjp(graph, d, cot.T.reshape(B, n, F)).permute(1, 2, 0)  # [N, 3, B]
     assert vjp.shape == (n, 3, B)
     for b in range(B):
         (ref,) = torch.autograd.grad((cot[:, b].view(n, F) * G).sum(), pos, retain_graph=True)
@@ -108,6 +108,28 @@ def test_fast_path_and_sparse_vjp_equal_autograd(name):
     jac = descriptor_jacobian(graph, plan, d)
     assert jac.shape == (3 * n, n * F)
     assert torch.allclose((jac @ cot).view(n, 3, B), vjp, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(g4_etas=(0.005, 0.5), g4_zetas=(1.0, 2.5, 4.0)),  # several η; a non-integer ζ (float pow)
+        dict(g4_zetas=(0.0, 2.0), g4_lambdas=(1.0,), cutoff=4.5),  # ζ = 0, one λ, shorter cutoff
+    ],
+)
+def test_compiled_kernels_match_autograd_for_other_channel_settings(settings):
+    atoms = co_on_cu()
+    sf = SymmetryFunctions(CU_C_O, **settings)
+    graph = build_graph([atoms], sf)
+    pos = graph.positions.clone().requires_grad_(True)
+    G = symmetry_functions(sf, graph, pos)
+    d = descriptors_with_derivatives(sf, graph)
+    assert torch.allclose(d.features, G.detach(), rtol=0, atol=1e-12)
+    cot = torch.randn(2, graph.n, sf.n_features, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    vjp = positions_vjp(graph, d, cot)
+    for b in range(2):
+        (ref,) = torch.autograd.grad((cot[b] * G).sum(), pos, retain_graph=True)
+        assert torch.allclose(vjp[b], ref, rtol=0, atol=1e-10)
 
 
 def test_primitive_cell_smaller_than_cutoff_matches_supercell():

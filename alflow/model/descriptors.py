@@ -23,6 +23,8 @@ from ase import Atoms
 from ase.data import covalent_radii
 from matscipy.neighbours import neighbour_list
 
+from alflow.model import kernels
+
 DTYPE = torch.float64
 
 # torch announces its (stable for what we use: CSR @ dense, CSR @ CSR) sparse CSR API on every use
@@ -255,7 +257,7 @@ def cosine_cutoff(r: torch.Tensor, cutoff: float) -> torch.Tensor:
 
 
 def _integer_power(x: torch.Tensor, n: float) -> torch.Tensor:
-    """x ** n, by repeated squaring for small positive integers (cheaper than pow on CPU)."""
+    """x ** n, by repeated squaring for small non-negative integers."""
     if n == 0:
         return torch.ones_like(x)
     if not (float(n).is_integer() and 1 <= n <= 64):
@@ -315,9 +317,10 @@ def _channels(sf: SymmetryFunctions) -> tuple[torch.Tensor, dict[str, torch.Tens
     col = lambda k: torch.tensor([c[k] for c in combos], dtype=DTYPE)  # noqa: E731
     g4 = {"eta": col(0) / rc2, "zeta": col(1), "lambda": col(2)}
     g4["norm"] = 2.0 ** (1.0 - g4["zeta"])
-    unique = sorted(set(sf.g4_etas))
-    g4["eta_unique"] = torch.tensor(unique, dtype=DTYPE) / rc2
-    g4["eta_index"] = torch.tensor([unique.index(c[0]) for c in combos])
+    distinct = sorted(set(sf.g4_etas))
+    g4["etas"] = torch.tensor(distinct, dtype=DTYPE) / rc2
+    g4["eta_of"] = torch.tensor([distinct.index(c[0]) for c in combos])
+    g4["zeta_int"] = torch.tensor([int(z) if float(z).is_integer() and 0 <= z <= 64 else -1 for z in g4["zeta"].tolist()])
     return torch.tensor(sf.g2_etas, dtype=DTYPE) / rc2, g4
 
 
@@ -373,47 +376,24 @@ def _cutoff_and_slope(r: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, tor
 def descriptors_with_derivatives(sf: SymmetryFunctions, graph: NeighborGraph) -> DescriptorDerivatives:
     """Features [N, F] and the derivatives of every term with respect to its invariants.
 
-    The derivatives of :func:`radial_terms` and :func:`angular_terms` are written out in closed
-    form (chain rule through fc, the Gaussians and (1 + λ cosθ)^ζ): on the 13-atom slab autograd
-    through the ~7,500 triplets cost 4 ms a call against 1 ms for an EMT call. Everything that
-    depends on one leg of an angle (fc, its slope, exp(−η R²)) is computed once per pair and
-    gathered. The autograd path (:func:`symmetry_functions`) remains the reference; the tests
+    The derivatives of :func:`radial_terms` (vectorised here) and :func:`angular_terms` (a
+    compiled loop over triplets, :mod:`alflow.model.kernels`) are written out in closed form:
+    autograd through the ~8,000 triplets of the 13-atom slab cost 4 ms a call against 1 ms for
+    an EMT call. The autograd path (:func:`symmetry_functions`) remains the reference; the tests
     hold the two to 1e-10.
     """
     g2, g4 = _channels(sf)
-    rc = sf.cutoff
-    a, b = graph.triplet_ij, graph.triplet_ik
     vec = pair_vectors(graph, graph.positions)
     r2 = (vec * vec).sum(-1)
-    fc, dfc = _cutoff_and_slope(torch.sqrt(r2), rc)  # [P], dfc = dfc/d(R²)
+    fc, dfc = _cutoff_and_slope(torch.sqrt(r2), sf.cutoff)  # [P], dfc = dfc/d(R²)
     gauss = torch.exp(-g2 * r2.unsqueeze(-1))  # [P, H2]
     t2 = gauss * fc.unsqueeze(-1)
     d_radial = gauss * (dfc.unsqueeze(-1) - g2 * fc.unsqueeze(-1))
-
-    etas = g4["eta_unique"]  # [E]
-    leg = torch.exp(-etas * r2.unsqueeze(-1))  # exp(−η R²) per pair [P, E]
-    u, w = r2.index_select(0, a).unsqueeze(-1), r2.index_select(0, b).unsqueeze(-1)  # [T, 1]
-    s = (vec.index_select(0, a) * vec.index_select(0, b)).sum(-1, keepdim=True)
-    r2_jk = u + w - 2.0 * s
-    f_c, df_c = _cutoff_and_slope(torch.sqrt(r2_jk), rc)
-    f_a, df_a = fc.index_select(0, a).unsqueeze(-1), dfc.index_select(0, a).unsqueeze(-1)
-    f_b, df_b = fc.index_select(0, b).unsqueeze(-1), dfc.index_select(0, b).unsqueeze(-1)
-    f_ab = f_a * f_b
-    fc3 = f_ab * f_c
-    jk = f_ab * df_c
-    d_fc3 = torch.stack([df_a * f_b * f_c + jk, f_a * df_b * f_c + jk, -2.0 * jk])  # ∂fc3/∂(u, w, s)
-    inv = torch.rsqrt(u * w)
-    cos_t = s * inv
-    d_cos = torch.stack([-0.5 * cos_t / u, -0.5 * cos_t / w, inv])  # ∂cosθ/∂(u, w, s) [3, T, 1]
-    # 2^(1−ζ) exp(−η (R_ij² + R_ik² + R_jk²)) per η, spread over the (ζ, λ) channels of each η
-    gauss4 = (leg.index_select(0, a) * leg.index_select(0, b) * torch.exp(-etas * r2_jk))
-    gauss4 = gauss4.index_select(1, g4["eta_index"]) * g4["norm"]  # [T, H4]
-    base = (1.0 + g4["lambda"] * cos_t).clamp_min(0.0)
-    p_ang = gauss4 * _power(base, g4["zeta"])
-    t4 = p_ang * fc3
-    p_cos = gauss4 * fc3 * g4["zeta"] * g4["lambda"] * _power(base, g4["zeta"] - 1.0)  # ∂t4/∂cosθ
-    d_q = torch.tensor([2.0, 2.0, -2.0], dtype=DTYPE).view(3, 1, 1)  # ∂(R_ij² + R_ik² + R_jk²)/∂(u, w, s)
-    d_angular = p_cos * d_cos + p_ang * d_fc3 - (g4["eta"] * d_q) * t4
+    t4, d_angular = kernels.angular_terms_and_derivatives(
+        r2.numpy(), fc.numpy(), dfc.numpy(), vec.numpy(), graph.triplet_ij.numpy(), graph.triplet_ik.numpy(),
+        *(g4[k].numpy() for k in ("etas", "eta_of", "zeta", "zeta_int", "lambda", "norm")), float(sf.cutoff),
+    )
+    t4, d_angular = torch.from_numpy(t4), torch.from_numpy(d_angular)
     return DescriptorDerivatives(_scatter(sf, graph, t2, t4), vec, d_radial, d_angular)
 
 
@@ -488,15 +468,26 @@ def _factors(graph: NeighborGraph, plan: ContractionPlan, d: DescriptorDerivativ
 
 
 def positions_vjp(
-    graph: NeighborGraph, plan: ContractionPlan, d: DescriptorDerivatives, cot: torch.Tensor
+    graph: NeighborGraph,
+    d: DescriptorDerivatives,
+    cot: torch.Tensor,
+    pair_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Σ_(n,f) cot[(n,f), b] ∂G[n,f]/∂x for B cotangents at once: cot [N·F, B] → [N, 3, B].
+    """Σ_(n,f) cot[b, n, f] ∂G[n,f]/∂x for B cotangents at once: cot [B, N, F] → [B, N, 3].
 
-    With cot = ∂E_m/∂G of every ensemble member m this is −(forces) of all members in one go:
-    three sparse products whose patterns were fixed when the neighbour graph was built.
+    With cot = ∂E_m/∂G of every ensemble member m this is −(forces) of all members in one pass
+    over pairs and triplets (:func:`alflow.model.kernels.positions_vjp`). ``pair_grad`` [P, 3],
+    a gradient with respect to the pair vectors shared by all B (a pair potential), is added.
     """
-    to_inv, to_pairs = _factors(graph, plan, d)
-    return (plan.to_atoms @ (to_pairs @ (to_inv @ cot))).view(graph.n, 3, -1)
+    if pair_grad is None:
+        pair_grad = torch.zeros_like(d.vec)
+    out = kernels.positions_vjp(
+        cot.detach().reshape(cot.shape[0], -1).contiguous().numpy(), graph.radial_index.numpy(), d.d_radial.numpy(),
+        graph.angular_index.numpy(), d.d_angular.numpy(), d.vec.numpy(), graph.pair_i.numpy(),
+        graph.pair_j.numpy(), graph.triplet_ij.numpy(), graph.triplet_ik.numpy(),
+        pair_grad.detach().contiguous().numpy(), graph.n,
+    )
+    return torch.from_numpy(out)
 
 
 def descriptor_jacobian(graph: NeighborGraph, plan: ContractionPlan, d: DescriptorDerivatives) -> torch.Tensor:

@@ -27,7 +27,6 @@ from ase.constraints import FixAtoms
 
 from alflow.model.descriptors import (
     DTYPE,
-    ContractionPlan,
     NeighborGraph,
     SymmetryFunctions,
     build_graph,
@@ -149,16 +148,14 @@ class DeltaPotential:
         energies = energies.index_add(0, graph.batch[graph.pair_i], 0.5 * v)
         return energies, dv_dr2.unsqueeze(-1) * vec
 
-    def _baseline(self, graph: NeighborGraph, plan: ContractionPlan | None = None):
-        """Prior + reference energies [S], prior forces [N, 3], the descriptor derivatives and plan."""
-        plan = plan or contraction_plan(graph, self.descriptor.n_features)
+    def _baseline(self, graph: NeighborGraph):
+        """Prior + reference energies [S], prior dE/d(pair vectors) [P, 3] and the descriptor derivatives."""
         d = descriptors_with_derivatives(self.descriptor, graph)
         e_prior, pair_grad = self._prior(graph, d.vec)
-        f_prior = -(plan.to_atoms @ pair_grad.reshape(-1, 1)).view(-1, 3)
         e_ref = torch.zeros(graph.n_structures, dtype=DTYPE).index_add(
             0, graph.batch, self.reference_energies[graph.species]
         )
-        return e_prior + e_ref, f_prior, d, plan
+        return e_prior + e_ref, pair_grad, d
 
     # ----------------------------------------------------------------------------------------
     def fit(self, images: Sequence[Atoms]) -> "DeltaPotential":
@@ -172,7 +169,9 @@ class DeltaPotential:
         species = graph.species
 
         self.reference_energies = torch.zeros(len(self.elements), dtype=DTYPE)
-        e_prior, f_prior, d, plan = self._baseline(graph)
+        e_prior, pair_grad, d = self._baseline(graph)
+        plan = contraction_plan(graph, self.descriptor.n_features)
+        f_prior = -(plan.to_atoms @ pair_grad.reshape(-1, 1)).view(-1, 3)
         counts = torch.zeros(graph.n_structures, len(self.elements), dtype=DTYPE)
         counts.index_put_((graph.batch, species), torch.ones(graph.n, dtype=DTYPE), accumulate=True)
         e_target = torch.from_numpy(energies)
@@ -217,18 +216,18 @@ class DeltaPotential:
         return self
 
     # ----------------------------------------------------------------------------------------
-    def evaluate(self, graph: NeighborGraph, plan: ContractionPlan | None = None) -> Evaluation:
+    def evaluate(self, graph: NeighborGraph) -> Evaluation:
         """Energies [M, S] and forces [M, N, 3] of every member for the structures of ``graph``."""
         if not self.is_trained:
             raise RuntimeError("the potential is not trained: call fit() or load() first")
-        baseline, f_prior, d, plan = self._baseline(graph, plan)
+        baseline, pair_grad, d = self._baseline(graph)
         x = self.scaler(d.features, graph.species)
         atomic, grad = self._stacked.energies_and_gradients(x, graph.species)  # [M, N], [M, N, F]
         M = atomic.shape[0]
         energies = torch.zeros(M, graph.n_structures, dtype=DTYPE).index_add(1, graph.batch, atomic)
-        cot = (grad * (self.energy_scale * self.scaler.jacobian(graph.species))).permute(1, 2, 0).reshape(-1, M)
-        forces = -positions_vjp(graph, plan, d, cot).permute(2, 0, 1)  # [M, N, 3]
-        return Evaluation(self.energy_scale * energies + baseline, forces + f_prior)
+        cot = grad * (self.energy_scale * self.scaler.jacobian(graph.species))  # ∂E_m/∂G [M, N, F]
+        forces = -positions_vjp(graph, d, cot, pair_grad)  # [M, N, 3]
+        return Evaluation(self.energy_scale * energies + baseline, forces)
 
     def predict(self, images: Sequence[Atoms] | Atoms) -> list[EnsemblePrediction]:
         """Ensemble mean, spread and uncertainty for each structure (batched in one pass)."""
