@@ -406,7 +406,7 @@ def _csr_pattern(rows: np.ndarray, cols: np.ndarray, n_rows: int) -> tuple[torch
 
 @dataclass
 class ContractionPlan:
-    """Fixed sparsity patterns of one neighbour graph for :func:`positions_vjp` (built once).
+    """Fixed sparsity patterns of one neighbour graph for :func:`descriptor_jacobian` (training).
 
     to_invariants [P + 3T, N·F]: where each term sits in the feature array (values: the
     invariant derivatives); to_pairs [3P, P + 3T]: chain rule from (R², u, w, s) to pair vectors
@@ -424,7 +424,7 @@ class ContractionPlan:
 
 
 def contraction_plan(graph: NeighborGraph, n_features: int) -> ContractionPlan:
-    """Precompute the sparse patterns used by :func:`positions_vjp`."""
+    """Precompute the sparse patterns of the Jacobian factors (and to_atoms, for pair potentials)."""
     P, h2 = graph.radial_index.shape
     T, h4 = graph.angular_index.shape
     i, j = graph.pair_i.numpy(), graph.pair_j.numpy()

@@ -127,6 +127,7 @@ class DeltaPotential:
         self.reference_energies = torch.zeros(len(self.elements), dtype=DTYPE)
         self.energy_scale = 1.0
         self.report: dict = {}
+        self.histories: list = []  # TrainingHistory per member of the last fit
         self._stacked: StackedNetworks | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -158,61 +159,63 @@ class DeltaPotential:
         return e_prior + e_ref, pair_grad, d
 
     # ----------------------------------------------------------------------------------------
-    def fit(self, images: Sequence[Atoms]) -> "DeltaPotential":
-        """Train all members on ``images`` (ASE Atoms with energy and forces attached)."""
-        images = list(images)
-        if not images:
-            raise ValueError("empty training set: fit() needs at least one structure with energy and forces")
-        energies, forces = _labels(images)
+    def _training_data(self, images: list[Atoms]) -> tuple[TrainingData, NeighborGraph, torch.Tensor, torch.Tensor]:
+        """Fix reference energies, energy scale and feature scaler on ``images``; the data to fit.
+
+        Returns the data, its graph, and the labelled energies [S] and forces [N, 3].
+        """
+        energies, forces = (torch.from_numpy(x) for x in _labels(images))
         graph = build_graph(images, self.descriptor, names=[f"training structure {k}" for k in range(len(images))])
         free = torch.from_numpy(np.concatenate([free_mask(a) for a in images]))
-        species = graph.species
-
-        self.reference_energies = torch.zeros(len(self.elements), dtype=DTYPE)
+        self.reference_energies = torch.zeros(len(self.elements), dtype=DTYPE)  # baseline = prior only
         e_prior, pair_grad, d = self._baseline(graph)
         plan = contraction_plan(graph, self.descriptor.n_features)
         f_prior = -(plan.to_atoms @ pair_grad.reshape(-1, 1)).view(-1, 3)
         counts = torch.zeros(graph.n_structures, len(self.elements), dtype=DTYPE)
-        counts.index_put_((graph.batch, species), torch.ones(graph.n, dtype=DTYPE), accumulate=True)
-        e_target = torch.from_numpy(energies)
-        self.reference_energies = torch.linalg.pinv(counts) @ (e_target - e_prior)
-        e_res = e_target - e_prior - counts @ self.reference_energies
-        f_res = torch.from_numpy(forces) - f_prior
-
+        counts.index_put_((graph.batch, graph.species), torch.ones(graph.n, dtype=DTYPE), accumulate=True)
+        self.reference_energies = torch.linalg.pinv(counts) @ (energies - e_prior)
+        e_res = energies - e_prior - counts @ self.reference_energies
+        f_res = forces - f_prior
         # energy scale: spread of the residual per atom or of the residual forces, floored at 10 meV
         per_atom = e_res / graph.n_atoms.to(DTYPE)
         spread = float(per_atom.std()) if len(per_atom) > 1 else 0.0
         f_rms = float(f_res[free].pow(2).mean().sqrt()) if free.any() else 0.0
         self.energy_scale = max(spread, f_rms, 0.01)
-        self.scaler = FeatureScaler.fit(d.features, species, len(self.elements))
+        self.scaler = FeatureScaler.fit(d.features, graph.species, len(self.elements))
         jac = descriptor_jacobian(graph, plan, d)
         data = TrainingData(
-            features=d.features, species=species, batch=graph.batch, n_atoms=graph.n_atoms,
+            features=d.features, species=graph.species, batch=graph.batch, n_atoms=graph.n_atoms,
             jacobian=jac, jacobian_t=jac.to_sparse_coo().t().coalesce().to_sparse_csr(),
             energy_residual=e_res, force_residual=f_res, free=free,
             scaler=self.scaler, energy_scale=self.energy_scale,
         )
-        self.members, histories = [], []
+        return data, graph, energies, forces
+
+    def fit(self, images: Sequence[Atoms]) -> "DeltaPotential":
+        """Train all members on ``images`` (ASE Atoms with energy and forces attached)."""
+        images = list(images)
+        if not images:
+            raise ValueError("empty training set: fit() needs at least one structure with energy and forces")
+        data, graph, energies, forces = self._training_data(images)
+        self.members, self.histories = [], []
         for seed in self.member_seeds():
-            w_e, w_f = bootstrap_weights(len(images), int(free.sum()), torch.Generator().manual_seed(seed))
+            w_e, w_f = bootstrap_weights(len(images), int(data.free.sum()), torch.Generator().manual_seed(seed))
             net = ElementNetwork(self.elements, self.descriptor.n_features, self.hidden, seed)
-            histories.append(train_member(net, data, w_e, w_f, self.training))
+            self.histories.append(train_member(net, data, w_e, w_f, self.training))
             self.members.append(net)
         self._stacked = StackedNetworks(self.members)
 
         pred = self.evaluate(graph)
         e_mean, f_mean = pred.energies.mean(0), pred.forces.mean(0)
-        n_atoms = graph.n_atoms.to(DTYPE)
         self.report = {
             "n_structures": len(images),
             "n_atoms": int(graph.n),
-            "energy_mae_per_atom": float(((e_mean - e_target).abs() / n_atoms).mean()),
-            "force_mae": float((f_mean - torch.from_numpy(forces))[free].abs().mean()) if free.any() else 0.0,
-            "epochs": [len(h.loss) for h in histories],
-            "final_loss": [h.loss[-1] for h in histories],
-            "evaluations": [h.evaluations for h in histories],
+            "energy_mae_per_atom": float(((e_mean - energies).abs() / graph.n_atoms.to(DTYPE)).mean()),
+            "force_mae": float((f_mean - forces)[data.free].abs().mean()) if data.free.any() else 0.0,
+            "epochs": [len(h.loss) for h in self.histories],
+            "final_loss": [h.loss[-1] for h in self.histories],
+            "evaluations": [h.evaluations for h in self.histories],
         }
-        self.histories = histories
         return self
 
     # ----------------------------------------------------------------------------------------
