@@ -7,9 +7,12 @@ calculator; ``describe(kind, options)`` names it for provenance fields.
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any, Callable, Mapping
 
 import ase
+import numpy as np
+from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
 
@@ -86,3 +89,34 @@ def describe(kind: str, options: Mapping[str, Any] | None = None) -> str:
         return f"EMT (ASE {ase.__version__}{extra})"
     spec, kwargs = _python_options(options)
     return f"{spec}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def oracle_options(oracle: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(kind, options) of a campaign spec's ``oracle`` section."""
+    kind = oracle["kind"]
+    if kind == "python":
+        return kind, {"callable": oracle["callable"], "kwargs": dict(oracle.get("kwargs") or {})}
+    return kind, dict(oracle.get("options") or {})
+
+
+def compute_label(atoms: Atoms, oracle: Mapping[str, Any]) -> dict[str, Any]:
+    """Energy and forces of ``atoms`` from the oracle; never raises for a failed calculation.
+
+    Returns ``{"status": "ok", "energy", "forces", ["stress"], "seconds"}`` or
+    ``{"status": "failed", "failure_class", "reason", "seconds"}``: an exception of the
+    oracle becomes a recorded failure (class ``"exception"``) and the campaign goes on.
+    """
+    kind, options = oracle_options(oracle)
+    start = time.perf_counter()
+    try:
+        atoms = atoms.copy()
+        atoms.calc = calculator_factory(kind, options)()
+        energy = float(atoms.get_potential_energy())
+        forces = atoms.get_forces(apply_constraint=False)
+        result: dict[str, Any] = {"status": "ok", "energy": energy, "forces": np.asarray(forces).tolist()}
+        if not (np.isfinite(energy) and np.isfinite(forces).all()):
+            result = {"status": "failed", "failure_class": "nonfinite", "reason": "energy or forces not finite"}
+    except Exception as exc:  # an oracle may fail in any way; it is recorded, not fatal
+        result = {"status": "failed", "failure_class": "exception", "reason": f"{type(exc).__name__}: {exc}"[:2000]}
+    result["seconds"] = time.perf_counter() - start
+    return result

@@ -1,0 +1,305 @@
+"""The campaign spec: a YAML file, validated into typed dataclasses with one-line errors.
+
+Every error names the file and the field (``c_cu100.yaml: learner.query.samples: must be an
+integer >= 0, got -1``). Paths inside the spec are relative to the spec file. Nothing is written
+anywhere while a spec is validated.
+
+    name: c-cu100-relax
+    system: {structure: c_cu100.traj}              # NEB: {initial: a.traj, final: b.traj}
+    simulation: {kind: relax, fmax: 0.03}           # relax | neb | md
+    oracle: {kind: emt}                             # emt | python (callable: "pkg.mod:function")
+    model: {prior: morse, ensemble: 5}
+    learner:
+      kind: offline                                 # offline | online
+      query: {strategy: relax_final, samples: 1}
+      stop: {fmax: 0.03, max_iterations: 20}
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+from ase import Atoms
+from ase.io import read
+
+
+class SpecError(ValueError):
+    """An invalid campaign spec; the message is one line naming the file and field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# field checks
+
+
+def _integer(lo: int | None = None) -> Callable[[Any], int]:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+            raise ValueError(f"must be an integer{f' >= {lo}' if lo is not None else ''}, got {v!r}")
+        return v
+
+    return check
+
+
+def _number(lo: float | None = None, strict: bool = True) -> Callable[[Any], float]:
+    def check(v):
+        bad = isinstance(v, bool) or not isinstance(v, (int, float))
+        if not bad and lo is not None:
+            bad = v <= lo if strict else v < lo
+        if bad:
+            bound = f" {'>' if strict else '>='} {lo}" if lo is not None else ""
+            raise ValueError(f"must be a number{bound}, got {v!r}")
+        return float(v)
+
+    return check
+
+
+def _choice(*options: Any) -> Callable[[Any], Any]:
+    def check(v):
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(map(str, options))}, got {v!r}")
+        return v
+
+    return check
+
+
+def _boolean(v):
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, got {v!r}")
+    return v
+
+
+def _mapping(v):
+    if not isinstance(v, Mapping):
+        raise ValueError(f"must be a mapping, got {v!r}")
+    return dict(v)
+
+
+def _name(v):
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+        raise ValueError(f"must be 1-100 letters, digits, '-', '_' or '.', starting with a letter or digit, got {v!r}")
+    return v
+
+
+def _text(v):
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"must be a non-empty string, got {v!r}")
+    return v
+
+
+def _any(v):
+    return v
+
+
+def _at(where: tuple[str, ...]) -> str:
+    """'file.yaml: learner.query.samples' from ('file.yaml', 'learner', 'query', 'samples')."""
+    return where[0] + (": " + ".".join(where[1:]) if len(where) > 1 else "")
+
+
+def _fields(data: Any, where: tuple[str, ...], schema: Mapping[str, tuple[Callable, Any]]) -> dict:
+    """Validate a mapping against ``schema`` {key: (check, default)}; REQUIRED keys must be given."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{_at(where)}: must be a mapping, got {data!r}")
+    unknown = sorted(set(data) - set(schema), key=str)
+    if unknown:
+        raise SpecError(f"{_at(where + (str(unknown[0]),))}: unknown key (allowed: {', '.join(schema)})")
+    out = {}
+    for key, (check, default) in schema.items():
+        if key not in data:
+            if default is REQUIRED:
+                raise SpecError(f"{_at(where + (key,))}: required")
+            out[key] = default
+            continue
+        try:
+            out[key] = check(data[key])
+        except (ValueError, TypeError) as exc:
+            raise SpecError(f"{_at(where + (key,))}: {exc}") from None
+    return out
+
+
+REQUIRED = object()
+
+SIMULATION_FIELDS: dict[str, dict[str, tuple[Callable, Any]]] = {
+    "relax": {
+        "optimizer": (_choice("BFGS", "FIRE"), "BFGS"),
+        "fmax": (_number(0.0), 0.03),
+        "steps": (_integer(1), 500),
+    },
+    "neb": {
+        "images": (_integer(1), 3),
+        "climb": (_boolean, True),
+        "fmax": (_number(0.0), 0.05),
+        "steps": (_integer(1), 500),
+        "interpolation": (_choice("idpp", "linear"), "idpp"),
+        "optimizer": (_choice("BFGS", "FIRE"), "BFGS"),
+    },
+    "md": {
+        "temperature_K": (_number(0.0), 300.0),
+        "timestep_fs": (_number(0.0), 1.0),
+        "steps": (_integer(1), 2000),
+        "thermostat": (_choice("langevin", "berendsen"), "langevin"),
+        "friction_per_fs": (_number(0.0), 0.02),
+        "taut_fs": (_number(0.0), 100.0),
+        "seed": (_integer(0), None),
+        "interval": (_integer(1), 1),
+    },
+}
+
+ORACLE_KINDS = ("emt", "python")
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec
+
+
+@dataclass
+class CampaignSpec:
+    """A validated campaign. ``images``: the structure(s) the simulation starts from (loaded)."""
+
+    name: str
+    path: Path
+    kind: str  # relax | neb | md
+    images: list[Atoms] = field(repr=False)
+    system: dict
+    simulation: dict
+    oracle: dict
+    model: dict
+    learner: dict
+    results: Path
+
+    def to_dict(self) -> dict:
+        """JSON-able form (stored with the campaign; structures by path, not by value)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("images", "path", "results")}
+        d.update(path=str(self.path), results=str(self.results))
+        return d
+
+
+def _load_structure(base: Path, value: str, where: tuple[str, ...]) -> Atoms:
+    path = (base / value).resolve()
+    if not path.is_file():
+        raise SpecError(f"{_at(where)}: file not found: {path}")
+    try:
+        atoms = read(path)
+    except Exception as exc:  # ASE raises many kinds for unreadable files
+        raise SpecError(f"{_at(where)}: cannot read {path} as a structure ({type(exc).__name__}: {exc})") from None
+    if len(atoms) == 0:
+        raise SpecError(f"{_at(where)}: {path} holds no atoms")
+    return atoms
+
+
+def _system(raw: Any, base: Path, kind: str, where: tuple[str, ...]) -> tuple[dict, list[Atoms]]:
+    keys = ("initial", "final") if kind == "neb" else ("structure",)
+    system = _fields(raw, where, {k: (_text, REQUIRED) for k in keys})
+    images = [_load_structure(base, system[k], where + (k,)) for k in keys]
+    if kind == "neb" and images[0].get_chemical_symbols() != images[1].get_chemical_symbols():
+        raise SpecError(f"{_at(where)}: initial and final must have the same atoms in the same order")
+    return system, images
+
+
+def _oracle(raw: Any, where: tuple[str, ...]) -> dict:
+    kind = raw.get("kind") if isinstance(raw, Mapping) else None
+    if kind not in ORACLE_KINDS:
+        raise SpecError(f"{_at(where + ('kind',))}: unknown oracle {kind!r} (known: {', '.join(ORACLE_KINDS)})")
+    if kind == "python":
+        oracle = _fields(raw, where, {"kind": (_text, REQUIRED), "callable": (_text, REQUIRED), "kwargs": (_mapping, {})})
+        if not re.fullmatch(r"[\w.]+:[\w.]+", oracle["callable"]):
+            raise SpecError(
+                f"{_at(where + ('callable',))}: must look like 'package.module:function', got {oracle['callable']!r}"
+            )
+        return oracle
+    return _fields(raw, where, {"kind": (_text, REQUIRED), "options": (_mapping, {})})
+
+
+def _model(raw: Any, where: tuple[str, ...]) -> dict:
+    model = _fields(
+        raw if raw is not None else {},
+        where,
+        {
+            "prior": (_choice("morse", "none"), "morse"),
+            "ensemble": (_integer(1), 5),
+            "seed": (_integer(0), 0),
+            "epochs": (_integer(1), 300),
+            "force_coefficient": (_number(0.0, strict=False), 0.04),
+            "morse_params": (_mapping, None),
+        },
+    )
+    return model
+
+
+def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
+    from alflow import query, stop  # validated against the registries they own
+
+    default_strategy = {"relax": "relax_final", "neb": "neb", "md": "random"}[kind]
+    learner = _fields(
+        raw,
+        where,
+        {
+            "kind": (_choice("offline", "online"), "offline"),
+            "query": (_mapping, {}),
+            "stop": (_mapping, REQUIRED),
+            "threshold": (_number(0.0), 0.05),  # online: uncertainty (eV/Å) above which the oracle is called
+            "max_failures_per_iteration": (_integer(0), 3),
+        },
+    )
+    q = dict(learner["query"])
+    strategy = q.pop("strategy", default_strategy)
+    samples = q.pop("samples", 1)
+    for key, check in (("strategy", query.get_strategy), ("samples", _integer(0))):
+        try:
+            check(strategy if key == "strategy" else samples)
+        except ValueError as exc:
+            raise SpecError(f"{_at(where + ('query', key))}: {exc}") from None
+    learner["query"] = {"strategy": strategy, "samples": samples, "options": q}
+    try:
+        stop.StopCriteria.from_dict(learner["stop"], kind)
+    except ValueError as exc:
+        raise SpecError(f"{_at(where + ('stop',))}: {exc}") from None
+    return learner
+
+
+def parse_spec(data: Any, path: Path) -> CampaignSpec:
+    """Validate an already-parsed spec mapping; ``path`` locates relative files and names errors."""
+    where = (path.name,)
+    top = {k: (_any, REQUIRED) for k in ("name", "system", "simulation", "oracle", "learner")}
+    top.update(model=(_any, None), results=(_text, None))
+    raw = _fields(data, where, top)
+    try:
+        name = _name(raw["name"])
+    except ValueError as exc:
+        raise SpecError(f"{_at(where + ('name',))}: {exc}") from None
+    sim = raw["simulation"]
+    kind = sim.get("kind") if isinstance(sim, Mapping) else None
+    if kind not in SIMULATION_FIELDS:
+        raise SpecError(f"{_at(where + ('simulation', 'kind'))}: must be one of {', '.join(SIMULATION_FIELDS)}, got {kind!r}")
+    simulation = _fields({k: v for k, v in sim.items() if k != "kind"}, where + ("simulation",), SIMULATION_FIELDS[kind])
+    base = path.parent
+    system, images = _system(raw["system"], base, kind, where + ("system",))
+    return CampaignSpec(
+        name=name,
+        path=path.resolve(),
+        kind=kind,
+        images=images,
+        system=system,
+        simulation=simulation,
+        oracle=_oracle(raw["oracle"], where + ("oracle",)),
+        model=_model(raw["model"], where + ("model",)),
+        learner=_learner(raw["learner"], kind, where + ("learner",)),
+        results=(base / (raw["results"] or f"results/{name}")).resolve(),
+    )
+
+
+def load_spec(path: str | Path) -> CampaignSpec:
+    """Read and validate a campaign spec file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{path.name}: YAML syntax error{at}: {getattr(exc, 'problem', exc)}") from None
+    return parse_spec(data, path)

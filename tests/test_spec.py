@@ -1,0 +1,122 @@
+"""Campaign spec validation: every error is one line naming the file and the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from ase.io import write
+
+from alflow.spec import SpecError, load_spec
+from alflow.systems import c_cu100, o_cu100_neb_endpoints
+
+BASE = {
+    "name": "c-cu100-relax",
+    "system": {"structure": "start.traj"},
+    "simulation": {"kind": "relax", "fmax": 0.03},
+    "oracle": {"kind": "emt"},
+    "model": {"prior": "morse", "ensemble": 5},
+    "learner": {"kind": "offline", "query": {"strategy": "relax_final", "samples": 1},
+                "stop": {"fmax": 0.03, "max_iterations": 20}},
+}
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    write(tmp_path / "start.traj", c_cu100())
+    initial, final = o_cu100_neb_endpoints()
+    write(tmp_path / "initial.traj", initial)
+    write(tmp_path / "final.traj", final)
+    return tmp_path
+
+
+def spec_file(folder: Path, data, name: str = "campaign.yaml") -> Path:
+    path = folder / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def edited(**changes) -> dict:
+    """BASE with dotted-path changes; a value of ... deletes the key."""
+    d = copy.deepcopy(BASE)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split("__")
+        node = d
+        for p in parents:
+            node = node[p]
+        if value is ...:
+            del node[last]
+        else:
+            node[last] = value
+    return d
+
+
+def test_valid_spec_loads_with_defaults_and_structures(folder):
+    spec = load_spec(spec_file(folder, BASE))
+    assert spec.kind == "relax" and len(spec.images[0]) == 13
+    assert spec.simulation == {"optimizer": "BFGS", "fmax": 0.03, "steps": 500}
+    assert spec.learner["query"] == {"strategy": "relax_final", "samples": 1, "options": {}}
+    assert spec.results == (folder / "results" / "c-cu100-relax").resolve()
+    assert spec.to_dict()["oracle"] == {"kind": "emt", "options": {}}
+
+
+def test_neb_spec_needs_initial_and_final(folder):
+    data = edited(system={"initial": "initial.traj", "final": "final.traj"},
+                  simulation={"kind": "neb", "images": 3, "climb": True},
+                  learner={"query": {"strategy": "neb"}, "stop": {"energy_tol": 0.01}})
+    spec = load_spec(spec_file(folder, data))
+    assert spec.kind == "neb" and len(spec.images) == 2 and spec.simulation["images"] == 3
+    data["system"] = {"initial": "initial.traj"}
+    with pytest.raises(SpecError, match=r"campaign.yaml: system.final: required"):
+        load_spec(spec_file(folder, data))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(bogus=1), r"campaign.yaml: bogus: unknown key"),
+        (dict(name=...), r"campaign.yaml: name: required"),
+        (dict(name="has space"), r"campaign.yaml: name: must be"),
+        (dict(simulation__kind="anneal"), r"campaign.yaml: simulation.kind: must be one of relax, neb, md"),
+        (dict(simulation__fmax=-0.1), r"campaign.yaml: simulation.fmax: must be a number > 0.0, got -0.1"),
+        (dict(simulation__temperature_K=300), r"campaign.yaml: simulation.temperature_K: unknown key"),
+        (dict(system__structure="missing.traj"), r"campaign.yaml: system.structure: file not found: .*missing.traj"),
+        (dict(oracle__kind="gaussian"), r"campaign.yaml: oracle.kind: unknown oracle 'gaussian'"),
+        (dict(oracle={"kind": "python", "callable": "no_colon"}), r"campaign.yaml: oracle.callable: must look like"),
+        (dict(model__ensemble=0), r"campaign.yaml: model.ensemble: must be an integer >= 1, got 0"),
+        (dict(model__prior="lj"), r"campaign.yaml: model.prior: must be one of morse, none"),
+        (dict(learner__query__strategy="clever"), r"campaign.yaml: learner.query.strategy: .*clever"),
+        (dict(learner__query__samples=-1), r"campaign.yaml: learner.query.samples: must be an integer >= 0"),
+        (dict(learner__stop=...), r"campaign.yaml: learner.stop: required"),
+        (dict(learner__stop={"fmx": 0.03}), r"campaign.yaml: learner.stop: .*fmx"),
+        (dict(learner__stop={"energy_tol": 0.01}), r"campaign.yaml: learner.stop: .*energy_tol"),  # a NEB criterion
+        (dict(learner__kind="semi"), r"campaign.yaml: learner.kind: must be one of offline, online"),
+    ],
+)
+def test_bad_fields_give_one_line_errors_naming_them(folder, changes, message):
+    with pytest.raises(SpecError, match=message) as err:
+        load_spec(spec_file(folder, edited(**changes)))
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_syntax_error_names_file_and_line(folder):
+    with pytest.raises(SpecError, match=r"campaign.yaml: YAML syntax error at line 2, column 9") as err:
+        load_spec(spec_file(folder, "name: x\nsystem: : {structure: a}\n"))
+    assert "\n" not in str(err.value)
+
+
+def test_missing_spec_file_and_unreadable_structure(folder):
+    with pytest.raises(SpecError, match="nowhere.yaml: spec file not found"):
+        load_spec(folder / "nowhere.yaml")
+    (folder / "junk.traj").write_text("not a structure")
+    with pytest.raises(SpecError, match=r"system.structure: cannot read .*junk.traj"):
+        load_spec(spec_file(folder, edited(system__structure="junk.traj")))
+
+
+def test_validation_writes_nothing(folder):
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(SpecError):
+        load_spec(spec_file(folder, edited(model__ensemble=0), "bad.yaml"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before + ["bad.yaml"])
