@@ -1,7 +1,8 @@
 """Command-line interface: ``alflow <command> ...``.
 
-Commands: ``fit-morse`` (fit element Morse parameters to an oracle's dimers), ``demo`` (fit the
-Δ-ML ensemble to EMT-labelled C/Cu(100) structures and report its accuracy and cost).
+Commands: ``run`` (a campaign to completion on the embedded store), ``status`` (campaigns in a
+store, read-only), ``fit-morse`` (element Morse parameters from an oracle's dimers), ``demo`` (fit
+the Δ-ML ensemble to EMT-labelled C/Cu(100) structures and report its accuracy and cost).
 Errors print one line ``alflow: error: ...`` on stderr; exit code 2 for usage errors, 1 for runtime ones.
 """
 
@@ -97,6 +98,39 @@ def cmd_fit_morse(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """``alflow run SPEC``: validate the spec (store untouched on error), run, print the results path."""
+    from alflow.spec import load_spec
+
+    spec = load_spec(args.spec)
+    from alflow import runner  # imports FireWorks only after the store is chosen
+
+    summary_path = runner.run(spec, args.store)
+    summary = json.loads(summary_path.read_text())
+    state = "converged" if summary["converged"] else "not converged"
+    print(f"{spec.name}: {state} after {summary['iterations']} rounds, {summary['oracle_calls']} oracle calls "
+          f"({summary['reused_labels']} reused, {summary['failed_labels']} failed): {summary['reason']}")
+    print(f"results: {summary_path}")
+    return 0 if summary["converged"] else 3
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``alflow status``: one line per campaign, read from the store snapshot without writing it."""
+    from bson import json_util
+
+    path = args.store / "store.json"
+    if not path.is_file():
+        raise OSError(f"{path}: no alflow store here")
+    data = json_util.loads(path.read_text() or "{}")
+    campaigns = [doc for _, doc in data.get("alflow", {}).get("campaigns", {}).get("documents", [])]
+    print(f"{'campaign':<28}{'kind':<7}{'status':<11}{'round':>6}{'paid':>7}{'reused':>8}{'failed':>8}")
+    for c in campaigns:
+        n = c.get("counters", {})
+        print(f"{c['name']:<28}{c.get('kind', '?'):<7}{c.get('status', '?'):<11}{c.get('iteration', 0):>6}"
+              f"{n.get('oracle_calls', 0):>7}{n.get('reused_labels', 0):>8}{n.get('failed_labels', 0):>8}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """``alflow demo``: fit and evaluate the model on the paper's C/Cu(100) system with EMT."""
     from alflow.demo import format_report, run_demo
@@ -108,6 +142,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alflow", description="Active-learning Δ-ML interatomic potentials.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a campaign to completion on the embedded store")
+    run.add_argument("spec", type=Path, metavar="SPEC", help="campaign spec (YAML)")
+    run.add_argument("--store", type=Path, default=Path("alflow-store"), metavar="DIR", help="embedded store directory")
+    run.set_defaults(func=cmd_run)
+
+    status = commands.add_parser("status", help="campaigns in a store (read-only)")
+    status.add_argument("--store", type=Path, default=Path("alflow-store"), metavar="DIR", help="embedded store directory")
+    status.set_defaults(func=cmd_status)
 
     fit = commands.add_parser("fit-morse", help="fit element Morse parameters to an oracle's dimers")
     fit.add_argument("elements", nargs="+", type=_element, metavar="ELEMENT", help="chemical symbols")
@@ -138,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"alflow: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, NotImplementedError, CalculatorError) as exc:
+    except (ValueError, OSError, RuntimeError, NotImplementedError, CalculatorError) as exc:
         print(f"alflow: error: {exc}", file=sys.stderr)
         return 1
 

@@ -16,7 +16,7 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from alflow.model import DeltaPotential
-from alflow.model.potential import free_mask
+from alflow.constraints import free_mask
 from alflow.systems import c_cu100
 
 

@@ -10,6 +10,8 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
+from alflow.constraints import free_mask
+
 from alflow.model import DeltaPotential, TrainingSettings
 
 CU_LATTICE = 3.63
@@ -47,13 +49,7 @@ def rattled(seed: int, stdev: float = 0.1, labelled: bool = True) -> Atoms:
     return label(slab) if labelled else slab
 
 
-def free_atoms(atoms: Atoms) -> np.ndarray:
-    """True for atoms that no FixAtoms constraint holds: [N] bool."""
-    free = np.ones(len(atoms), dtype=bool)
-    for c in atoms.constraints:
-        if isinstance(c, FixAtoms):
-            free[c.index] = False
-    return free
+free_atoms = free_mask  # the tests' name for it
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from alflow.model.descriptors import build_graph
 from alflow.model.ensemble import ensemble_statistics
-from alflow.model.potential import DeltaPotential, free_mask
+from alflow.constraints import free_mask
+from alflow.model.potential import DeltaPotential
 
 
 @functools.cache

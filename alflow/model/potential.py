@@ -23,8 +23,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from ase import Atoms
-from ase.constraints import FixAtoms
 
+from alflow.constraints import free_mask
 from alflow.model.descriptors import (
     DTYPE,
     NeighborGraph,
@@ -46,15 +46,6 @@ FORMAT_VERSION = 1
 
 class UnknownFormatError(ValueError):
     """A saved potential that this version of alflow cannot read."""
-
-
-def free_mask(atoms: Atoms) -> np.ndarray:
-    """True for atoms not fixed by a FixAtoms constraint: [N]."""
-    free = np.ones(len(atoms), dtype=bool)
-    for c in atoms.constraints:
-        if isinstance(c, FixAtoms):
-            free[c.index] = False
-    return free
 
 
 def _labels(images: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,307 @@
+"""One active-learning campaign, step by step, as plain functions over a :class:`Store`.
+
+FireWorks runs these (``alflow.fw``), but nothing here imports it, so every step is tested on its
+own. An offline campaign is a sequence of rounds:
+
+    seed (round 0):  label the starting structure(s)
+    round k ≥ 1:     train on every label so far → ML simulation from the start → query frames
+    every round:     label the queried frames with the oracle (in parallel, no database access)
+                     → merge: store labels, record metrics, evaluate the stop criterion
+
+Queried structures are first looked up in the label cache (structure hash, oracle-settings
+hash): a structure computed before, in this campaign or another, is reused, never paid twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from ase import Atoms
+from ase.io import write
+
+from alflow import query, simulate, stop
+from alflow.model import DeltaPotential, TrainingSettings
+from alflow.constraints import free_mask
+from alflow.spec import CampaignSpec
+from alflow.store.documents import atoms_from_document, configuration_document
+from alflow.store.hashing import settings_hash, structure_hash
+
+
+# structures travel in FireWorks specs in the store's document form (JSON-able)
+structure_to_dict = configuration_document
+structure_from_dict = atoms_from_document
+
+
+def oracle_hash(oracle: Mapping[str, Any]) -> str:
+    """Key of the oracle settings in the label cache."""
+    return settings_hash(dict(oracle))
+
+
+# ---------------------------------------------------------------------------------------------
+# candidates and the label cache
+
+
+@dataclass
+class Candidate:
+    """A structure to be labelled, with what the model predicted for it (for honest test errors)."""
+
+    structure: dict
+    hash: str
+    role: str  # seed | query | validation
+    frame: int | None = None
+    prediction: dict = field(default_factory=dict)  # energy, forces, uncertainty of the ML model
+
+    @classmethod
+    def of(cls, atoms: Atoms, role: str, frame: int | None = None) -> "Candidate":
+        prediction = {}
+        results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+        for key in ("energy", "forces", "uncertainty"):
+            value = results.get(key, atoms.info.get(key))
+            if value is not None:
+                prediction[key] = np.asarray(value).tolist()
+        return cls(structure_to_dict(atoms), structure_hash(atoms), role, frame, prediction)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("structure", "hash", "role", "frame", "prediction")}
+
+
+def split_cached(store, campaign: Mapping, candidates: list[Candidate]) -> tuple[list[Candidate], list[dict]]:
+    """Candidates still to compute, and cached labels to reuse (never pay for a label twice)."""
+    to_compute, reused = [], []
+    for c in candidates:
+        label = store.label(c.hash, campaign["oracle_hash"])
+        if label is None:
+            to_compute.append(c)
+        else:
+            reused.append({"label_id": str(label["_id"]), "candidate": c.to_dict()})
+    return to_compute, reused
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps
+
+
+def start(store, spec: CampaignSpec) -> dict:
+    """Create the campaign document and return it (fails on an existing name)."""
+    elements = sorted({s for atoms in spec.images for s in atoms.get_chemical_symbols()})
+    doc = store.create_campaign(spec.name, spec.to_dict())
+    fields = {
+        "elements": elements,
+        "kind": spec.kind,
+        "oracle_hash": oracle_hash(spec.oracle),
+        "start_structures": [structure_to_dict(a) for a in spec.images],
+        "label_ids": [],
+        "status": "running",
+        "started_on": time.time(),
+    }
+    store.update_campaign(spec.name, **fields)
+    doc.update(fields)
+    return doc
+
+
+def seed_candidates(campaign: Mapping) -> list[Candidate]:
+    """Round 0: the starting structure(s) (NEB: both endpoints)."""
+    return [Candidate.of(structure_from_dict(s), "seed") for s in campaign["start_structures"]]
+
+
+def training_images(store, campaign: Mapping) -> list[Atoms]:
+    """Every successful label the campaign has gathered, as Atoms with energy and forces."""
+    docs = [store.label_by_id(i) for i in campaign["label_ids"]]
+    return [store.label_atoms(d) for d in docs if d is not None and d["status"] == "ok"]
+
+
+def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any]:
+    """Fit the ensemble on all labels so far; the model goes to GridFS. Returns (potential, model id)."""
+    model = campaign["spec"]["model"]
+    images = training_images(store, campaign)
+    if not images:
+        raise RuntimeError(f"campaign {campaign['name']}: no successful label to train on")
+    pot = DeltaPotential(
+        campaign["elements"],
+        prior=None if model["prior"] == "none" else "morse",
+        ensemble=model["ensemble"],
+        seed=model["seed"] + 1000 * iteration,
+        morse_params=model.get("morse_params"),
+        training=TrainingSettings(epochs=model["epochs"], force_coefficient=model["force_coefficient"]),
+    ).fit(images)
+    model_id = store.save_model(pot, campaign["name"], iteration, list(campaign["label_ids"]), pot.report)
+    return pot, model_id
+
+
+def run_simulation(pot: DeltaPotential, campaign: Mapping, iteration: int) -> simulate.SimulationResult:
+    """The ML simulation of this round, from the starting structure(s)."""
+    spec, kind = campaign["spec"], campaign["kind"]
+    start_images = [structure_from_dict(s) for s in campaign["start_structures"]]
+    settings = dict(spec["simulation"])
+    if kind == "relax":
+        atoms = start_images[0]
+        return simulate.relax(atoms, pot.calculator(), simulate.RelaxSettings(**settings))
+    if kind == "neb":
+        return simulate.neb(start_images[0], start_images[1], pot.calculator, simulate.NEBSettings(**settings))
+    if settings.get("seed") is None:  # per-round seeds differ unless fixed
+        settings["seed"] = spec["model"]["seed"] + 7919 * iteration
+    return simulate.md(start_images[0], pot.calculator(), simulate.MDSettings(**settings))
+
+
+def choose(
+    store, campaign: Mapping, result: simulate.SimulationResult, iteration: int
+) -> tuple[list[Candidate], Candidate | None]:
+    """Frames to label next (never one the campaign already has) and the round's key structure:
+    the predicted minimum (relax) or saddle (neb), whose oracle label decides convergence."""
+    frames = result.band if campaign["kind"] == "neb" else result.frames
+    labelled = {d["structure_hash"] for d in (store.label_by_id(i) for i in campaign["label_ids"]) if d}
+    q = campaign["spec"]["learner"]["query"]
+    ctx = query.QueryContext(
+        frames=frames, kind=campaign["kind"], labelled=labelled,
+        rng=np.random.default_rng(campaign["spec"]["model"]["seed"] * 104729 + iteration),
+    )
+    picks = query.select(ctx, q["strategy"], q["samples"], **q["options"])
+    key = None
+    if campaign["kind"] in ("relax", "neb"):
+        key = Candidate.of(result.final, "final")
+    return [Candidate.of(frames[k], "query", k) for k in picks], key
+
+
+@dataclass
+class MergeOutcome:
+    """What a merge did: labels stored, counters, and the stop decision."""
+
+    decision: stop.StopDecision
+    paid: int
+    reused: int
+    failed: int
+    metrics: dict
+
+
+def merge(
+    store, campaign: Mapping, iteration: int, computed: list[dict], reused: list[dict], key: Mapping | None = None
+) -> MergeOutcome:
+    """Store the round's labels, update counters and metrics, evaluate the stop criterion.
+
+    ``computed``: [{"candidate": Candidate dict, "result": oracle result}] from the Label steps;
+    ``reused``: [{"label_id", "candidate"}] found in the label cache; ``key``: the Candidate dict of
+    the predicted minimum / saddle (its label, new or cached, decides relax / NEB convergence).
+    """
+    name, oracle = campaign["name"], campaign["spec"]["oracle"]
+    new_ids, records, paid, failed = [], [], 0, 0
+    for item in computed:
+        cand, result = item["candidate"], item["result"]
+        doc, _ = store.put_label(
+            structure_from_dict(cand["structure"]), campaign["oracle_hash"], dict(oracle), result,
+            {"campaign": name, "iteration": iteration, "role": cand["role"], "frame": cand["frame"]},
+        )
+        paid += 1  # the oracle ran for it, whether or not another writer stored the key first
+        failed += result["status"] != "ok"
+        new_ids.append(doc["_id"])
+        records.append((cand, doc))
+    for item in reused:
+        doc = store.label_by_id(item["label_id"])
+        new_ids.append(doc["_id"])
+        records.append((item["candidate"], doc))
+    label_ids = list(campaign["label_ids"]) + [i for i in new_ids if i not in campaign["label_ids"]]
+    store.update_campaign(name, label_ids=label_ids, iteration=iteration)
+    store.count(name, oracle_calls=paid, failed_labels=failed, reused_labels=len(reused))
+    counters = store.campaign(name)["counters"]
+
+    errors = prediction_errors(store, records)
+    checks = key_checks(store, campaign, key)
+    if campaign["kind"] == "md" and errors["energy_mae"] is not None:
+        checks["validation"] = {"energy_mae": errors["energy_mae"], "force_mae": errors["force_mae"]}
+    if iteration == 0:  # the seed round only labels the start; the criteria apply from round 1 on
+        ok = any(d["status"] == "ok" for _, d in records)
+        decision = stop.StopDecision(not ok, False, "seed labels stored" if ok else
+                                     "no starting structure could be labelled by the oracle")
+    else:
+        state = stop.StopState(iteration=iteration - 1, kind=campaign["kind"],
+                               oracle_calls=counters["oracle_calls"], **checks)
+        criteria = stop.StopCriteria.from_dict(campaign["spec"]["learner"]["stop"], campaign["kind"])
+        decision = stop.evaluate(criteria, state)
+    store.record_iteration(
+        name, iteration,
+        {**errors, **{k: v for k, v in checks.items() if k != "validation"}, "oracle_calls": paid,
+         "reused": len(reused), "failed": failed, "decision": decision.reason, "done": decision.done,
+         "converged": decision.converged},
+    )
+    return MergeOutcome(decision, paid, len(reused), failed, {**errors, **checks})
+
+
+def prediction_errors(store, records: list[tuple[dict, dict]]) -> dict:
+    """Model-vs-oracle errors on the round's new labels, predicted BEFORE retraining (test errors)."""
+    e_err, f_err = [], []
+    for cand, doc in records:
+        pred = cand.get("prediction") or {}
+        if doc["status"] != "ok" or "energy" not in pred:
+            continue
+        free = free_mask(store.label_atoms(doc))
+        e_err.append(abs(pred["energy"] - doc["energy"]))
+        f_err.append(np.abs(np.asarray(pred["forces"]) - np.asarray(doc["forces"]))[free])
+    return {
+        "energy_mae": float(np.mean(e_err)) if e_err else None,
+        "force_mae": float(np.concatenate(f_err).mean()) if f_err else None,
+        "frames": len(e_err),
+    }
+
+
+def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
+    """Oracle checks of the predicted minimum (relax: fmax) or saddle (neb: |E_ML − E_oracle|)."""
+    if key is None:
+        return {}
+    doc = store.label(key["hash"], campaign["oracle_hash"])
+    if doc is None or doc["status"] != "ok":
+        return {}
+    if campaign["kind"] == "relax":
+        atoms = store.label_atoms(doc)
+        return {"final_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free_mask(atoms))}
+    return {"saddle_energy_error": abs(key["prediction"]["energy"] - doc["energy"])}
+
+
+def write_results(
+    store, campaign: Mapping, outcome: MergeOutcome, key: Mapping | None, trajectory: str | None
+) -> Path:
+    """summary.json (DESIGN §5 fields) plus the final structure, band or trajectory files."""
+    name, kind = campaign["name"], campaign["kind"]
+    out = Path(campaign["spec"]["results"])
+    out.mkdir(parents=True, exist_ok=True)
+    counters = campaign["counters"]
+    summary: dict[str, Any] = {
+        "campaign": name,
+        "kind": kind,
+        "converged": outcome.decision.converged,
+        "reason": outcome.decision.reason,
+        "iterations": campaign["iteration"],
+        "oracle_calls": counters["oracle_calls"],
+        "failed_labels": counters["failed_labels"],
+        "reused_labels": counters["reused_labels"],
+    }
+    frames = store.load_trajectory(trajectory) if trajectory else []
+    label = store.label(key["hash"], campaign["oracle_hash"]) if key else None
+    if kind == "relax" and label is not None and label["status"] == "ok":
+        final = store.label_atoms(label)
+        write(out / "final_structure.extxyz", final)
+        summary.update(
+            final_structure=str(out / "final_structure.extxyz"),
+            final_energy=key["prediction"].get("energy"),
+            final_energy_oracle=label["energy"],
+            final_fmax_oracle=outcome.metrics.get("final_fmax_oracle"),
+        )
+    elif kind == "neb" and frames:
+        write(out / "band.extxyz", frames)
+        energies = [f.get_potential_energy() for f in frames]
+        start = store.label(structure_hash(frames[0]), campaign["oracle_hash"])
+        summary.update(band=str(out / "band.extxyz"), barrier=max(energies) - energies[0])
+        if label is not None and start is not None and label["status"] == start["status"] == "ok":
+            summary["barrier_oracle"] = label["energy"] - start["energy"]
+    elif kind == "md" and frames:
+        write(out / "trajectory.extxyz", frames)
+        summary.update(
+            trajectory=str(out / "trajectory.extxyz"),
+            validation={k: outcome.metrics.get(k) for k in ("energy_mae", "force_mae", "frames")},
+        )
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    store.update_campaign(name, status="converged" if outcome.decision.converged else "stopped", summary=summary)
+    return out / "summary.json"

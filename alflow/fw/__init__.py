@@ -1,0 +1,1 @@
+"""FireWorks layer: FireTasks (thin shells over :mod:`alflow.campaign`) and workflow builders."""

@@ -1,0 +1,109 @@
+"""FireTasks of an active-learning round. All state is in the firework spec; results go out
+through FWAction. Every task but :class:`LabelTask` reaches the database through FireWorks' own
+LaunchPad (``_add_launchpad_and_fw_id``): the same database and client as FireWorks.
+
+    SeedTask                       label the starting structure(s)              (_category ml)
+    TrainTask → ExploreTask        fit the ensemble; ML simulation + query      (ml)
+    LabelTask × K                  oracle call, no database                     (dft)
+    MergeTask                      store labels, metrics, stop or next round    (ml)
+"""
+
+from __future__ import annotations
+
+from fireworks import FiretaskBase, FWAction, explicit_serialize
+
+from alflow import campaign as steps
+from alflow.oracles import compute_label
+from alflow.store import Store
+
+
+class _StoreTask(FiretaskBase):
+    def store_and_campaign(self):
+        store = Store(self.launchpad.db)
+        return store, store.campaign(self["campaign"])
+
+
+@explicit_serialize
+class SeedTask(_StoreTask):
+    """Round 0: queue the starting structure(s) for labelling (cached labels are reused)."""
+
+    required_params = ["campaign"]
+
+    def run_task(self, fw_spec):
+        from alflow.fw.workflow import label_round
+
+        store, campaign = self.store_and_campaign()
+        to_compute, reused = steps.split_cached(store, campaign, steps.seed_candidates(campaign))
+        return FWAction(additions=label_round(campaign, 0, to_compute, reused))
+
+
+@explicit_serialize
+class TrainTask(_StoreTask):
+    """Fit the ensemble on every label so far; the model goes to GridFS."""
+
+    required_params = ["campaign", "iteration"]
+
+    def run_task(self, fw_spec):
+        store, campaign = self.store_and_campaign()
+        _, model_id = steps.train(store, campaign, self["iteration"])
+        return FWAction(update_spec={"model_id": str(model_id)}, stored_data={"model_id": str(model_id)})
+
+
+@explicit_serialize
+class ExploreTask(_StoreTask):
+    """ML simulation with the round's model, then the query; adds the Label fan-out and Merge."""
+
+    required_params = ["campaign", "iteration"]
+
+    def run_task(self, fw_spec):
+        from alflow.fw.workflow import label_round
+
+        store, campaign = self.store_and_campaign()
+        i = self["iteration"]
+        pot = store.load_model(fw_spec["model_id"])
+        result = steps.run_simulation(pot, campaign, i)
+        frames = result.band if campaign["kind"] == "neb" else result.frames
+        trajectory = store.save_trajectory(frames, campaign["name"], i, campaign["kind"])
+        candidates, key = steps.choose(store, campaign, result, i)
+        to_compute, reused = steps.split_cached(store, campaign, candidates)
+        return FWAction(
+            additions=label_round(campaign, i, to_compute, reused, key, str(trajectory)),
+            stored_data={"simulation_converged": result.converged, "steps": result.steps, "queried": len(candidates)},
+        )
+
+
+@explicit_serialize
+class LabelTask(FiretaskBase):
+    """One oracle calculation. Never touches the database: runs offline and on any queue."""
+
+    required_params = ["candidate", "oracle"]
+
+    def run_task(self, fw_spec):
+        cand = self["candidate"]
+        result = compute_label(steps.structure_from_dict(cand["structure"]), self["oracle"])
+        return FWAction(
+            stored_data={"status": result["status"], "seconds": result["seconds"]},
+            mod_spec=[{"_push": {"labels": {"candidate": cand, "result": result}}}],
+        )
+
+
+@explicit_serialize
+class MergeTask(_StoreTask):
+    """Store the round's labels, evaluate the stop criterion; next round or final results."""
+
+    required_params = ["campaign", "iteration", "reused"]
+    optional_params = ["key", "trajectory"]
+
+    def run_task(self, fw_spec):
+        from alflow.fw.workflow import round_firework
+
+        store, campaign = self.store_and_campaign()
+        i = self["iteration"]
+        computed = fw_spec.get("labels", [])
+        outcome = steps.merge(store, campaign, i, computed, self["reused"], self.get("key"))
+        data = {"decision": outcome.decision.reason, "paid": outcome.paid, "reused": outcome.reused}
+        if outcome.decision.done:
+            summary = steps.write_results(store, store.campaign(campaign["name"]), outcome, self.get("key"),
+                                          self.get("trajectory"))
+            return FWAction(stored_data={**data, "summary": str(summary)})
+        return FWAction(additions=[round_firework(campaign["name"], i + 1)], stored_data=data)

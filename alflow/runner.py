@@ -1,0 +1,108 @@
+"""Embedded runner: a campaign on FireWorks' mongomock store, driven by one owner process.
+
+FireWorks reads ``MONGOMOCK_SERVERSTORE_FILE`` when it is first imported, so :func:`use_store`
+must run before anything imports ``fireworks`` (the CLI calls it first). The runner launches the
+campaign's fireworks one after another in the process that owns the store, each in its own
+launch directory, and snapshots the store after every firework: serialised, written to a
+temporary file, fsynced and renamed, so a crash never leaves a truncated store.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+STORE_FILE = "store.json"
+
+
+def use_store(store_dir: str | Path) -> Path:
+    """Point FireWorks' mongomock mode at ``store_dir`` (created if needed); call before importing fireworks."""
+    store_dir = Path(store_dir).resolve()
+    store_dir.mkdir(parents=True, exist_ok=True)
+    path = store_dir / STORE_FILE
+    if not path.exists():
+        path.write_text("{}")
+    if "fireworks" in sys.modules and os.environ.get("MONGOMOCK_SERVERSTORE_FILE") != str(path):
+        raise RuntimeError("the embedded store must be selected before FireWorks is imported")
+    os.environ["MONGOMOCK_SERVERSTORE_FILE"] = str(path)
+    return path
+
+
+def snapshot(launchpad, path: Path) -> None:
+    """Write the whole mongomock store atomically (temp file, fsync, rename, fsync the directory)."""
+    from bson import json_util
+
+    text = json_util.dumps(launchpad.connection._store.to_dict())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".store-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def run(spec, store_dir: str | Path, progress: Callable[[str], None] = print) -> Path:
+    """Run the campaign of ``spec`` to completion on the embedded store; returns summary.json's path."""
+    path = use_store(store_dir)
+    import fireworks.core.rocket
+    from fireworks import FWorker, LaunchPad
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    # FireWorks' FW_config setting, read by each Rocket: errors only; progress is ours (below)
+    fireworks.core.rocket.ROCKET_STREAM_LOGLEVEL = "ERROR"
+
+    from alflow.campaign import start
+    from alflow.fw.workflow import campaign_workflow
+    from alflow.store import Store
+
+    launchpad = LaunchPad(name="alflow", strm_lvl="ERROR")
+    if launchpad.fw_id_assigner.count_documents({}) == 0:  # a new store: initialise FireWorks' counters
+        launchpad.reset("", require_password=False, max_reset_wo_password=0)
+    store = Store(launchpad.db)
+    if store.campaign(spec.name) is not None:
+        raise ValueError(f"campaign '{spec.name}' already exists in {path.parent} (use another name or store)")
+    start(store, spec)
+    launchpad.add_wf(campaign_workflow(spec.name))
+    snapshot(launchpad, path)
+    launches = path.parent / "launches"
+    launches.mkdir(exist_ok=True)
+    worker = FWorker(name="alflow-embedded")
+    here = os.getcwd()
+    try:
+        while launchpad.run_exists(worker):
+            os.chdir(tempfile.mkdtemp(dir=launches, prefix="launch_"))
+            launch_rocket(launchpad, worker, strm_lvl="ERROR")
+            os.chdir(here)
+            snapshot(launchpad, path)
+            progress(_progress_line(launchpad, store, spec.name))
+    finally:
+        os.chdir(here)
+        snapshot(launchpad, path)
+    campaign = store.campaign(spec.name)
+    if campaign.get("summary") is None:
+        stuck = launchpad.fireworks.count_documents({"state": {"$in": ["FIZZLED", "WAITING"]}})
+        raise RuntimeError(f"campaign '{spec.name}' stopped without a result ({stuck} fireworks fizzled or waiting)")
+    return Path(campaign["spec"]["results"]) / "summary.json"
+
+
+def _progress_line(launchpad, store, name: str) -> str:
+    last = launchpad.fireworks.find_one({"state": {"$in": ["COMPLETED", "FIZZLED"]}}, sort=[("updated_on", -1)])
+    c = store.campaign(name)
+    counters = c["counters"]
+    what = f"{last['name']} {last['state'].lower()}" if last else "started"
+    return (
+        f"{what:<40} oracle calls {counters['oracle_calls']:>4}  reused {counters['reused_labels']:>3}"
+        f"  failed {counters['failed_labels']:>3}"
+    )

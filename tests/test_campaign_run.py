@@ -1,0 +1,145 @@
+"""Campaigns through FireWorks on the embedded store, driven by the real CLI (``alflow run``).
+
+These check the machinery with a small, fast model: rounds and merges, the label cache (no
+oracle call is ever paid twice, also across campaigns), failure recording, the read-only status
+view and that a bad spec leaves the store untouched. Convergence against direct EMT runs is
+checked by the slow campaign tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ase.calculators.emt import EMT
+from ase.io import read, write
+from bson import json_util
+
+from alflow.constraints import free_mask
+from alflow.simulate import max_force
+from alflow.systems import c_cu100
+
+TESTS = Path(__file__).parent
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MONGOMOCK_SERVERSTORE_FILE", None)
+    return subprocess.run([sys.executable, "-m", "alflow", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def relax_spec(folder: Path, name: str, oracle: dict, rounds: int = 3) -> Path:
+    write(folder / "start.traj", c_cu100())
+    spec = {
+        "name": name,
+        "system": {"structure": "start.traj"},
+        "simulation": {"kind": "relax", "fmax": 0.03, "steps": 200},
+        "oracle": oracle,
+        "model": {"prior": "morse", "ensemble": 2, "epochs": 60},
+        "learner": {"query": {"strategy": "relax_final", "samples": 1},
+                    "stop": {"fmax": 0.03, "max_iterations": rounds}},
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def collection(store: Path, name: str) -> list[dict]:
+    data = json_util.loads((store / "store.json").read_text())
+    return [doc for _, doc in data["alflow"].get(name, {}).get("documents", [])]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One small relax campaign with an oracle that counts its calls in a file."""
+    folder = tmp_path_factory.mktemp("campaign")
+    counter = folder / "calls.txt"
+    oracle = {"kind": "python", "callable": "flaky_oracle:counting_emt", "kwargs": {"counter": str(counter)}}
+    spec = relax_spec(folder, "relax-small", oracle)
+    proc = run_cli("run", spec.name, "--store", "store", cwd=folder)
+    return folder, counter, oracle, proc
+
+
+def test_campaign_runs_rounds_and_writes_summary(finished):
+    folder, counter, _, proc = finished
+    assert proc.returncode in (0, 3), proc.stderr  # converged, or stopped at max_iterations
+    summary = json.loads((folder / "results" / "relax-small" / "summary.json").read_text())
+    assert f"results: {folder / 'results' / 'relax-small' / 'summary.json'}" in proc.stdout
+    assert summary["campaign"] == "relax-small" and summary["kind"] == "relax"
+    assert summary["converged"] == (proc.returncode == 0)
+    assert 1 <= summary["iterations"] <= 3
+    rounds = collection(folder / "store", "iterations")
+    assert sorted(r["iteration"] for r in rounds) == list(range(summary["iterations"] + 1))
+    # every oracle call happened exactly once and is recorded: seed + ≤ 2 per round (final + 1 random)
+    calls = int(counter.read_text())
+    assert summary["oracle_calls"] == calls <= 1 + 2 * summary["iterations"]
+    labels = collection(folder / "store", "labels")
+    assert len(labels) == calls
+    assert len({(l["structure_hash"], l["oracle_hash"]) for l in labels}) == calls
+    assert summary["failed_labels"] == 0 and summary["reused_labels"] == 0
+    # the relax result is the oracle-labelled predicted minimum
+    assert Path(summary["final_structure"]).is_file()
+    final = read(summary["final_structure"])
+    final.calc = EMT()
+    assert abs(final.get_potential_energy() - summary["final_energy_oracle"]) < 1e-6
+    assert abs(max_force(final.get_forces(), free_mask(final)) - summary["final_fmax_oracle"]) < 1e-6
+
+
+def test_second_campaign_reuses_cached_labels(finished):
+    folder, counter, oracle, _ = finished
+    before = int(counter.read_text())
+    spec = relax_spec(folder, "relax-again", oracle, rounds=1)
+    proc = run_cli("run", spec.name, "--store", "store", cwd=folder)
+    assert proc.returncode in (0, 3), proc.stderr
+    summary = json.loads((folder / "results" / "relax-again" / "summary.json").read_text())
+    seed_round = next(r for r in collection(folder / "store", "iterations")
+                      if r["campaign"] == "relax-again" and r["iteration"] == 0)
+    assert seed_round["metrics"]["reused"] == 1 and seed_round["metrics"]["oracle_calls"] == 0
+    assert summary["reused_labels"] >= 1
+    assert int(counter.read_text()) - before == summary["oracle_calls"]
+
+
+def test_status_reads_the_store_without_writing(finished):
+    folder, *_ = finished
+    store = folder / "store" / "store.json"
+    before = store.read_bytes()
+    proc = run_cli("status", "--store", "store", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    assert any(line.startswith("relax-small") for line in proc.stdout.splitlines())
+    assert store.read_bytes() == before
+
+
+def test_bad_spec_is_refused_and_store_untouched(finished, tmp_path):
+    folder, *_ = finished
+    store = folder / "store" / "store.json"
+    before = store.read_bytes()
+    bad = folder / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load((folder / "relax-small.yaml").read_text()), "name": "bad",
+                                   "model": {"ensemble": 0}}))
+    proc = run_cli("run", "bad.yaml", "--store", "store", cwd=folder)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0
+    assert "bad.yaml: model.ensemble: must be an integer >= 1, got 0" in proc.stderr
+    assert store.read_bytes() == before
+    # nothing is created for a fresh store either
+    proc = run_cli("run", str(bad), "--store", str(tmp_path / "fresh"), cwd=tmp_path)
+    assert proc.returncode != 0 and not (tmp_path / "fresh").exists()
+
+
+def test_failing_oracle_is_recorded_and_campaign_goes_on(tmp_path):
+    counter = tmp_path / "calls.txt"
+    oracle = {"kind": "python", "callable": "flaky_oracle:flaky_emt", "kwargs": {"counter": str(counter), "period": 2}}
+    spec = relax_spec(tmp_path, "relax-flaky", oracle, rounds=2)
+    proc = run_cli("run", spec.name, "--store", "store", cwd=tmp_path)
+    assert proc.returncode in (0, 3), proc.stderr
+    summary = json.loads((tmp_path / "results" / "relax-flaky" / "summary.json").read_text())
+    failed = [l for l in collection(tmp_path / "store", "labels") if l["status"] == "failed"]
+    assert summary["failed_labels"] == len(failed) >= 1
+    assert all("simulated SCF failure" in l["reason"] and l["failure_class"] == "exception" for l in failed)
+    assert summary["iterations"] == 2
