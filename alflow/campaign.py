@@ -161,8 +161,8 @@ def choose(
         rng=np.random.default_rng(campaign["spec"]["model"]["seed"] * 104729 + iteration),
     )
     picks = query.select(ctx, q["strategy"], q["samples"], **q["options"])
-    key = None
-    if campaign["kind"] in ("relax", "neb"):
+    key = None  # a run stopped by an unphysical structure has no minimum / saddle to check
+    if campaign["kind"] in ("relax", "neb") and not result.stopped:
         key = Candidate.of(result.final, "final")
     return [Candidate.of(frames[k], "query", k) for k in picks], key
 

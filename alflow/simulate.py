@@ -36,6 +36,7 @@ from ase.mep import NEB
 from ase.optimize import BFGS, FIRE
 
 from alflow import constraints
+from alflow.model.descriptors import OverlappingAtomsError
 
 OPTIMIZERS = {"BFGS": BFGS, "FIRE": FIRE}
 THERMOSTATS = ("langevin", "berendsen")
@@ -146,7 +147,9 @@ class SimulationResult:
     the final band). ``converged``: relax and neb, max force (as ASE defines it, free atoms,
     constraints respected) below fmax, for neb also both endpoint relaxations; md, all steps ran.
     ``steps``: optimizer or MD steps taken (neb: of the band). ``band``: neb's final band with
-    endpoints. ``seed``: md's seed actually used.
+    endpoints. ``seed``: md's seed actually used. ``stopped``: why the run ended early, when the
+    calculator met an unphysical structure (atoms fused: an ML potential far from its data); the
+    frames recorded until then are kept and ``converged`` is False.
     """
 
     frames: list[Atoms]
@@ -155,6 +158,16 @@ class SimulationResult:
     steps: int
     band: list[Atoms] | None = None
     seed: int | None = None
+    stopped: str | None = None
+
+
+def _guarded(run: Callable[[], object]) -> str | None:
+    """Run an optimizer or dynamics; the reason when an unphysical structure stopped it, else None."""
+    try:
+        run()
+    except OverlappingAtomsError as exc:
+        return f"stopped early: {exc}"
+    return None
 
 
 def max_force(atoms_or_forces: Atoms | np.ndarray, free_mask: np.ndarray | None = None) -> float:
@@ -244,12 +257,13 @@ class _Recorder:
         self.close()
 
 
-def _relax_working(atoms: Atoms, settings: RelaxSettings, recorder: _Recorder) -> tuple[bool, int]:
-    """Relax ``atoms`` (calculator attached) in place, recording each step; (converged, steps)."""
+def _relax_working(atoms: Atoms, settings: RelaxSettings, recorder: _Recorder) -> tuple[bool, int, str | None]:
+    """Relax ``atoms`` (calculator attached) in place, recording each step; (converged, steps, stopped)."""
     opt = OPTIMIZERS[settings.optimizer](atoms, logfile=None)
     opt.attach(lambda: recorder.add(snapshot(atoms, step=opt.nsteps)))
-    converged = bool(opt.run(fmax=settings.fmax, steps=settings.steps))
-    return converged, int(opt.nsteps)
+    outcome = []
+    stopped = _guarded(lambda: outcome.append(opt.run(fmax=settings.fmax, steps=settings.steps)))
+    return bool(outcome and outcome[0]), int(opt.nsteps), stopped
 
 
 def relax(
@@ -263,8 +277,10 @@ def relax(
     settings.__post_init__()
     work = _working_copy(atoms, calculator)
     with _Recorder(trajectory) as rec:
-        converged, steps = _relax_working(work, settings, rec)
-    return SimulationResult(frames=rec.frames, final=rec.frames[-1], converged=converged, steps=steps)
+        converged, steps, stopped = _relax_working(work, settings, rec)
+    if not rec.frames:
+        raise OverlappingAtomsError(f"relaxation could not start: {stopped}")
+    return SimulationResult(frames=rec.frames, final=rec.frames[-1], converged=converged, steps=steps, stopped=stopped)
 
 
 def _check_endpoints(initial: Atoms, final: Atoms) -> None:
@@ -303,9 +319,17 @@ def neb(
             fmax=settings.fmax if settings.endpoint_fmax is None else settings.endpoint_fmax,
             steps=settings.steps,
         )
-        for end in ends:
-            ok, _ = _relax_working(end, end_settings, _Recorder(None))
+        for k, end in enumerate(ends):
+            recorder = _Recorder(None)
+            ok, _, stopped = _relax_working(end, end_settings, recorder)
             ends_converged &= ok
+            if stopped:  # the band cannot be built: return the endpoints as far as they got
+                last = [recorder.frames[-1] if recorder.frames else None] + [
+                    snapshot(e, step=0) if j != k else None for j, e in enumerate(ends) if j != k
+                ]
+                band = [f for f in (last if k == 0 else last[::-1]) if f is not None]
+                return SimulationResult(frames=band, final=band[0], converged=False, steps=0, band=band,
+                                        stopped=f"endpoint {k}: {stopped}")
     for end in ends:
         end.get_potential_energy()
         end.get_forces()
@@ -330,16 +354,20 @@ def neb(
                 rec.add(frame)
 
         opt.attach(record)
-        converged = bool(opt.run(fmax=settings.fmax, steps=settings.steps))
-    final_band = snap_band(int(opt.nsteps))
-    moving = final_band[1:-1]
+        outcome = []
+        stopped = _guarded(lambda: outcome.append(opt.run(fmax=settings.fmax, steps=settings.steps)))
+    n_band = settings.images + 2
+    final_band = (rec.frames[-n_band:] if rec.frames else [snapshot(e, step=0) for e in ends]) if stopped \
+        else snap_band(int(opt.nsteps))
+    moving = final_band[1:-1] or final_band
     saddle = moving[int(np.argmax([image.get_potential_energy() for image in moving]))]
     return SimulationResult(
         frames=rec.frames,
         final=saddle,
-        converged=converged and ends_converged,
+        converged=bool(outcome and outcome[0]) and ends_converged,
         steps=int(opt.nsteps),
         band=final_band,
+        stopped=stopped,
     )
 
 
@@ -383,13 +411,16 @@ def md(
         )
     with _Recorder(trajectory) as rec:
         dyn.attach(lambda: rec.add(snapshot(work, step=dyn.nsteps)), interval=settings.interval)
-        dyn.run(steps=settings.steps)
-        if rec.frames[-1].info["step"] != dyn.nsteps:
+        stopped = _guarded(lambda: dyn.run(steps=settings.steps))
+        if not stopped and rec.frames[-1].info["step"] != dyn.nsteps:
             rec.add(snapshot(work, step=dyn.nsteps))
+    if not rec.frames:
+        raise OverlappingAtomsError(f"MD could not start: {stopped}")
     return SimulationResult(
         frames=rec.frames,
         final=rec.frames[-1],
-        converged=int(dyn.nsteps) == settings.steps,
+        converged=not stopped and int(dyn.nsteps) == settings.steps,
         steps=int(dyn.nsteps),
         seed=seed,
+        stopped=stopped,
     )

@@ -22,7 +22,7 @@ from bson import json_util
 
 from alflow.constraints import free_mask
 from alflow.simulate import max_force
-from alflow.systems import c_cu100
+from alflow.systems import c_cu100, co_cu100, o_cu100_neb_endpoints
 
 TESTS = Path(__file__).parent
 
@@ -143,3 +143,47 @@ def test_failing_oracle_is_recorded_and_campaign_goes_on(tmp_path):
     assert summary["failed_labels"] == len(failed) >= 1
     assert all("simulated SCF failure" in l["reason"] and l["failure_class"] == "exception" for l in failed)
     assert summary["iterations"] == 2
+
+
+def small_spec(folder: Path, name: str, kind: str) -> Path:
+    """Tiny NEB / MD campaigns (the paper's systems, EMT) that finish in seconds."""
+    if kind == "neb":
+        initial, final = o_cu100_neb_endpoints()
+        write(folder / "initial.traj", initial)
+        write(folder / "final.traj", final)
+        system = {"initial": "initial.traj", "final": "final.traj"}
+        simulation = {"kind": "neb", "images": 3, "fmax": 0.05, "steps": 100}
+        learner = {"query": {"strategy": "neb", "samples": 1}, "stop": {"energy_tol": 0.01, "max_iterations": 2}}
+    else:
+        write(folder / "start.traj", co_cu100())
+        system = {"structure": "start.traj"}
+        simulation = {"kind": "md", "steps": 50, "temperature_K": 300, "seed": 3}
+        learner = {"query": {"strategy": "random", "samples": 4},
+                   "stop": {"energy_mae": 0.05, "force_mae": 0.04, "max_iterations": 2}}
+    spec = {"name": name, "system": system, "simulation": simulation, "oracle": {"kind": "emt"},
+            "model": {"ensemble": 2, "epochs": 40}, "learner": learner}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["neb", "md"])
+def test_neb_and_md_campaigns_run_and_report(tmp_path, kind):
+    spec = small_spec(tmp_path, f"small-{kind}", kind)
+    proc = run_cli("run", spec.name, "--store", "store", cwd=tmp_path)
+    assert proc.returncode in (0, 3), proc.stderr
+    summary = json.loads((tmp_path / "results" / f"small-{kind}" / "summary.json").read_text())
+    labels = collection(tmp_path / "store", "labels")
+    assert summary["oracle_calls"] == len(labels) and summary["failed_labels"] == 0
+    if kind == "neb":
+        band = read(summary["band"], index=":")
+        assert len(band) == 5  # 3 moving images + the two (ML-relaxed) endpoints
+        energies = [a.get_potential_energy() for a in band]
+        assert summary["barrier"] == pytest.approx(max(energies) - energies[0])
+        assert 2 <= len([l for l in labels if l["iteration"] == 0]) <= 2  # both endpoints seeded
+    else:
+        frames = read(summary["trajectory"], index=":")
+        assert len(frames) == 51  # 50 steps, every step recorded, step 0 included
+        v = summary["validation"]
+        assert v["frames"] >= 1 and v["energy_mae"] >= 0 and v["force_mae"] >= 0
+        assert len([l for l in labels if l["iteration"] == 2]) <= 4

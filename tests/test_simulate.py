@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from ase.calculators.calculator import all_changes
 from ase.calculators.emt import EMT
 from ase.io import read
 
 from alflow.demo import rattled
 from alflow.model import DeltaPotential, TrainingSettings
+from alflow.model.descriptors import OverlappingAtomsError
 from alflow.simulate import (
     MDSettings,
     NEBSettings,
@@ -295,3 +297,28 @@ def test_trajectory_files(tmp_path, suffix):
     back = read(path, index=":")
     assert len(back) == len(res.frames) == 3 * (res.steps + 1)
     np.testing.assert_allclose(back[-2].positions, res.band[1].positions, atol=1e-6)
+
+
+class _FusingCalculator(EMT):
+    """EMT that reports fused atoms from its ``fail_after``-th call on (as an ML potential far
+    from its data can)."""
+
+    def __init__(self, fail_after: int):
+        super().__init__()
+        self.calls, self.fail_after = 0, fail_after
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        self.calls += 1
+        if self.calls >= self.fail_after:
+            raise OverlappingAtomsError("structure: atoms 0 (Cu) and 12 (C) are 0.3 Å apart")
+        super().calculate(atoms, properties, system_changes)
+
+
+def test_simulations_stop_at_unphysical_structures_and_keep_their_frames():
+    res = relax(c_cu100(), _FusingCalculator(fail_after=6), RelaxSettings(fmax=0.01))
+    assert res.stopped and "0.3 Å apart" in res.stopped and not res.converged
+    assert len(res.frames) == 5 and res.final is res.frames[-1]
+    md_res = md(c_cu100(), _FusingCalculator(fail_after=8), MDSettings(steps=50, seed=1))
+    assert md_res.stopped and not md_res.converged and 1 <= len(md_res.frames) < 51
+    with pytest.raises(OverlappingAtomsError):
+        relax(c_cu100(), _FusingCalculator(fail_after=1))

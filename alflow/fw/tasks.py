@@ -68,7 +68,8 @@ class ExploreTask(_StoreTask):
         to_compute, reused = steps.split_cached(store, campaign, candidates)
         return FWAction(
             additions=label_round(campaign, i, to_compute, reused, key, str(trajectory)),
-            stored_data={"simulation_converged": result.converged, "steps": result.steps, "queried": len(candidates)},
+            stored_data={"simulation_converged": result.converged, "steps": result.steps,
+                         "stopped": result.stopped, "queried": len(candidates)},
         )
 
 
