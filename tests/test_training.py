@@ -109,3 +109,29 @@ def test_members_get_different_bootstrap_samples(trained):
     assert len(set(seeds)) == len(seeds)
     draws = [bootstrap_weights(15, 135, torch.Generator().manual_seed(s))[1] for s in seeds]
     assert all(not torch.equal(draws[i], draws[j]) for i in range(5) for j in range(i + 1, 5))
+
+
+def test_warm_start_continues_from_current_weights_and_learns_new_data():
+    """The online learner's refit: normalisation kept, members continue, new structures learnt."""
+    first = [rattled(seed, 0.1) for seed in range(6)]
+    new = [rattled(seed, 0.15) for seed in range(300, 303)]
+    pot = DeltaPotential(["Cu", "C"], ensemble=2, seed=1, training=TrainingSettings(epochs=120, warm_epochs=60))
+    pot.fit(first)
+    scaler_min = pot.scaler.minimum.clone()
+    refs, scale = pot.reference_energies.clone(), pot.energy_scale
+    weights = [p.detach().clone() for p in pot.members[0].parameters()]
+
+    def new_force_mae():
+        return np.mean([np.abs(p.forces.numpy() - a.calc.results["forces"])[free_atoms(a)].mean()
+                        for p, a in zip(pot.predict(new), new)])
+
+    before = new_force_mae()
+    pot.fit(first + new, warm_start=True)
+    assert pot.report["warm_start"] and max(pot.report["epochs"]) <= 60
+    assert torch.equal(pot.scaler.minimum, scaler_min) and torch.equal(pot.reference_energies, refs)
+    assert pot.energy_scale == scale
+    assert any(not torch.equal(a, b) for a, b in zip(weights, pot.members[0].parameters()))
+    assert new_force_mae() < 0.6 * before  # the refit learnt the added structures
+    # a cold fit on the same data re-derives the normalisation
+    pot.fit(first + new)
+    assert not pot.report["warm_start"] and not torch.equal(pot.scaler.minimum, scaler_min)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -150,29 +150,35 @@ class DeltaPotential:
         return e_prior + e_ref, pair_grad, d
 
     # ----------------------------------------------------------------------------------------
-    def _training_data(self, images: list[Atoms]) -> tuple[TrainingData, NeighborGraph, torch.Tensor, torch.Tensor]:
-        """Fix reference energies, energy scale and feature scaler on ``images``; the data to fit.
+    def _training_data(
+        self, images: list[Atoms], renormalise: bool = True
+    ) -> tuple[TrainingData, NeighborGraph, torch.Tensor, torch.Tensor]:
+        """The fixed data to fit on ``images``; with ``renormalise``, first set the reference
+        energies, energy scale and feature scaler from them (a warm start keeps the old ones).
 
         Returns the data, its graph, and the labelled energies [S] and forces [N, 3].
         """
         energies, forces = (torch.from_numpy(x) for x in _labels(images))
         graph = build_graph(images, self.descriptor, names=[f"training structure {k}" for k in range(len(images))])
         free = torch.from_numpy(np.concatenate([free_mask(a) for a in images]))
-        self.reference_energies = torch.zeros(len(self.elements), dtype=DTYPE)  # baseline = prior only
-        e_prior, pair_grad, d = self._baseline(graph)
+        if renormalise:
+            self.reference_energies = torch.zeros(len(self.elements), dtype=DTYPE)  # baseline = prior only
+        e_base, pair_grad, d = self._baseline(graph)
         plan = contraction_plan(graph, self.descriptor.n_features)
-        f_prior = -(plan.to_atoms @ pair_grad.reshape(-1, 1)).view(-1, 3)
-        counts = torch.zeros(graph.n_structures, len(self.elements), dtype=DTYPE)
-        counts.index_put_((graph.batch, graph.species), torch.ones(graph.n, dtype=DTYPE), accumulate=True)
-        self.reference_energies = torch.linalg.pinv(counts) @ (energies - e_prior)
-        e_res = energies - e_prior - counts @ self.reference_energies
-        f_res = forces - f_prior
-        # energy scale: spread of the residual per atom or of the residual forces, floored at 10 meV
-        per_atom = e_res / graph.n_atoms.to(DTYPE)
-        spread = float(per_atom.std()) if len(per_atom) > 1 else 0.0
-        f_rms = float(f_res[free].pow(2).mean().sqrt()) if free.any() else 0.0
-        self.energy_scale = max(spread, f_rms, 0.01)
-        self.scaler = FeatureScaler.fit(d.features, graph.species, len(self.elements))
+        f_res = forces + (plan.to_atoms @ pair_grad.reshape(-1, 1)).view(-1, 3)  # F − F_prior
+        if renormalise:
+            counts = torch.zeros(graph.n_structures, len(self.elements), dtype=DTYPE)
+            counts.index_put_((graph.batch, graph.species), torch.ones(graph.n, dtype=DTYPE), accumulate=True)
+            self.reference_energies = torch.linalg.pinv(counts) @ (energies - e_base)
+            e_base = e_base + counts @ self.reference_energies
+        e_res = energies - e_base
+        if renormalise:
+            # energy scale: spread of the residual per atom or of the residual forces, floored at 10 meV
+            per_atom = e_res / graph.n_atoms.to(DTYPE)
+            spread = float(per_atom.std()) if len(per_atom) > 1 else 0.0
+            f_rms = float(f_res[free].pow(2).mean().sqrt()) if free.any() else 0.0
+            self.energy_scale = max(spread, f_rms, 0.01)
+            self.scaler = FeatureScaler.fit(d.features, graph.species, len(self.elements))
         jac = descriptor_jacobian(graph, plan, d)
         data = TrainingData(
             features=d.features, species=graph.species, batch=graph.batch, n_atoms=graph.n_atoms,
@@ -182,18 +188,28 @@ class DeltaPotential:
         )
         return data, graph, energies, forces
 
-    def fit(self, images: Sequence[Atoms]) -> "DeltaPotential":
-        """Train all members on ``images`` (ASE Atoms with energy and forces attached)."""
+    def fit(self, images: Sequence[Atoms], warm_start: bool = False) -> "DeltaPotential":
+        """Train all members on ``images`` (ASE Atoms with energy and forces attached).
+
+        ``warm_start`` (on a trained potential): keep the normalisation and continue every member
+        from its current weights for ``training.warm_epochs`` epochs — the online learner's refit
+        after each new label, instead of training from scratch.
+        """
         images = list(images)
         if not images:
             raise ValueError("empty training set: fit() needs at least one structure with energy and forces")
-        data, graph, energies, forces = self._training_data(images)
-        self.members, self.histories = [], []
-        for seed in self.member_seeds():
-            w_e, w_f = bootstrap_weights(len(images), int(data.free.sum()), torch.Generator().manual_seed(seed))
-            net = ElementNetwork(self.elements, self.descriptor.n_features, self.hidden, seed)
-            self.histories.append(train_member(net, data, w_e, w_f, self.training))
-            self.members.append(net)
+        warm = warm_start and self.is_trained
+        data, graph, energies, forces = self._training_data(images, renormalise=not warm)
+        settings = replace(self.training, epochs=self.training.warm_epochs) if warm else self.training
+        members = self.members if warm else [
+            ElementNetwork(self.elements, self.descriptor.n_features, self.hidden, seed) for seed in self.member_seeds()
+        ]
+        self.histories = []
+        for net, seed in zip(members, self.member_seeds()):
+            draw = torch.Generator().manual_seed(seed + len(images))  # a fresh, reproducible bootstrap per set
+            w_e, w_f = bootstrap_weights(len(images), int(data.free.sum()), draw)
+            self.histories.append(train_member(net, data, w_e, w_f, settings))
+        self.members = members
         self._stacked = StackedNetworks(self.members)
 
         pred = self.evaluate(graph)
@@ -201,6 +217,7 @@ class DeltaPotential:
         self.report = {
             "n_structures": len(images),
             "n_atoms": int(graph.n),
+            "warm_start": warm,
             "energy_mae_per_atom": float(((e_mean - energies).abs() / graph.n_atoms.to(DTYPE)).mean()),
             "force_mae": float((f_mean - forces)[data.free].abs().mean()) if data.free.any() else 0.0,
             "epochs": [len(h.loss) for h in self.histories],

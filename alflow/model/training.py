@@ -25,6 +25,7 @@ class TrainingSettings:
     """Optimiser settings; defaults follow the paper (α = 0.04, T0 = 10, Tmult = 2)."""
 
     epochs: int = 300
+    warm_epochs: int = 100  # continuing a trained ensemble on a grown set (online learning)
     force_coefficient: float = 0.04
     learning_rate: float = 1.0
     min_learning_rate: float = 0.05
@@ -34,8 +35,8 @@ class TrainingSettings:
     tolerance: float = 1e-10  # stop when the loss changes less than this (relative) for 10 epochs
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs < 1 or self.warm_epochs < 1:
+            raise ValueError(f"epochs and warm_epochs must be >= 1, got {self.epochs}, {self.warm_epochs}")
         if self.force_coefficient < 0:
             raise ValueError(f"force_coefficient must be >= 0, got {self.force_coefficient}")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
