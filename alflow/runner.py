@@ -92,9 +92,20 @@ def run(spec, store_dir: str | Path, progress: Callable[[str], None] = print) ->
         snapshot(launchpad, path)
     campaign = store.campaign(spec.name)
     if campaign.get("summary") is None:
-        stuck = launchpad.fireworks.count_documents({"state": {"$in": ["FIZZLED", "WAITING"]}})
-        raise RuntimeError(f"campaign '{spec.name}' stopped without a result ({stuck} fireworks fizzled or waiting)")
+        raise RuntimeError(f"campaign '{spec.name}' stopped without a result: {_failure(launchpad)}")
     return Path(campaign["spec"]["results"]) / "summary.json"
+
+
+def _failure(launchpad) -> str:
+    """One line on the first firework that fizzled: its name and the exception's last line."""
+    fw = launchpad.fireworks.find_one({"state": "FIZZLED"}, sort=[("updated_on", 1)])
+    if fw is None:
+        waiting = launchpad.fireworks.count_documents({"state": "WAITING"})
+        return f"{waiting} fireworks are still waiting and none can run"
+    launch = launchpad.launches.find_one({"fw_id": fw["fw_id"], "state": "FIZZLED"}, sort=[("time_end", -1)]) or {}
+    trace = ((launch.get("action") or {}).get("stored_data") or {}).get("_exception", {}).get("_stacktrace", "")
+    last = next((line.strip() for line in reversed(trace.splitlines()) if line.strip()), "no traceback recorded")
+    return f"firework '{fw['name']}' failed: {last}"
 
 
 def _progress_line(launchpad, store, name: str) -> str:

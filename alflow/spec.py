@@ -213,6 +213,19 @@ def _oracle(raw: Any, where: tuple[str, ...]) -> dict:
     return _fields(raw, where, {"kind": (_text, REQUIRED), "options": (_mapping, {})})
 
 
+def _morse_params(v):
+    """element → {De, re, a[, source]}: checked now, so a bad table never reaches training."""
+    from alflow.model.morse import MorseParameters
+
+    table = _mapping(v)
+    for element, params in table.items():
+        try:
+            MorseParameters(**_mapping(params))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{element}: {exc}") from None
+    return table
+
+
 def _model(raw: Any, where: tuple[str, ...]) -> dict:
     model = _fields(
         raw if raw is not None else {},
@@ -223,7 +236,7 @@ def _model(raw: Any, where: tuple[str, ...]) -> dict:
             "seed": (_integer(0), 0),
             "epochs": (_integer(1), 300),
             "force_coefficient": (_number(0.0, strict=False), 0.04),
-            "morse_params": (_mapping, None),
+            "morse_params": (_morse_params, None),
         },
     )
     return model

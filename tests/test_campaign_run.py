@@ -187,3 +187,4 @@ def test_neb_and_md_campaigns_run_and_report(tmp_path, kind):
         v = summary["validation"]
         assert v["frames"] >= 1 and v["energy_mae"] >= 0 and v["force_mae"] >= 0
         assert len([l for l in labels if l["iteration"] == 2]) <= 4
+

@@ -114,3 +114,9 @@ def test_overrides_and_no_prior_for_unknown_element():
     assert pot.morse is None and pot.descriptor.n_features == 4 + 4
     pot = DeltaPotential(["Cu", "Zr"], morse_params={"Zr": zr})
     assert pot.morse.params["Zr"] == zr
+
+
+@pytest.mark.parametrize("bad", [dict(De=0.0, re=2.0, a=1.0), dict(De=1.0, re=-2.0, a=1.0), dict(De=1.0, re=2.0, a="x")])
+def test_invalid_parameters_are_refused(bad):
+    with pytest.raises(ValueError, match="Morse parameter .* must be a positive number"):
+        MorseParameters(**bad)

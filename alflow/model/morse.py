@@ -37,6 +37,12 @@ class MorseParameters:
     a: float
     source: str = "user"
 
+    def __post_init__(self):
+        for name in ("De", "re", "a"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"Morse parameter {name} must be a positive number, got {value!r}")
+
     @property
     def sigma(self) -> float:
         """Zero crossing of the Morse curve, re − ln2 / a (Å)."""
