@@ -10,6 +10,7 @@ temporary file, fsynced and renamed, so a crash never leaves a truncated store.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -92,15 +93,16 @@ def run(spec, store_dir: str | Path, progress: Callable[[str], None] = print) ->
         snapshot(launchpad, path)
     campaign = store.campaign(spec.name)
     if campaign.get("summary") is None:
-        raise RuntimeError(f"campaign '{spec.name}' stopped without a result: {_failure(launchpad)}")
+        raise RuntimeError(f"campaign '{spec.name}' stopped without a result: {_failure(launchpad, spec.name)}")
     return Path(campaign["spec"]["results"]) / "summary.json"
 
 
-def _failure(launchpad) -> str:
-    """One line on the first firework that fizzled: its name and the exception's last line."""
-    fw = launchpad.fireworks.find_one({"state": "FIZZLED"}, sort=[("updated_on", 1)])
+def _failure(launchpad, name: str) -> str:
+    """One line on the campaign's first firework that fizzled: its name and the exception's last line."""
+    mine = {"name": {"$regex": f"^{re.escape(name)}: "}}
+    fw = launchpad.fireworks.find_one({**mine, "state": "FIZZLED"}, sort=[("updated_on", 1)])
     if fw is None:
-        waiting = launchpad.fireworks.count_documents({"state": "WAITING"})
+        waiting = launchpad.fireworks.count_documents({**mine, "state": "WAITING"})
         return f"{waiting} fireworks are still waiting and none can run"
     launch = launchpad.launches.find_one({"fw_id": fw["fw_id"], "state": "FIZZLED"}, sort=[("time_end", -1)]) or {}
     trace = ((launch.get("action") or {}).get("stored_data") or {}).get("_exception", {}).get("_stacktrace", "")
