@@ -52,7 +52,7 @@ class Candidate:
 
     structure: dict
     hash: str
-    role: str  # seed | query | validation
+    role: str  # seed | query | final (the predicted minimum / saddle)
     frame: int | None = None
     prediction: dict = field(default_factory=dict)  # energy, forces, uncertainty of the ML model
 

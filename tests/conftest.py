@@ -11,7 +11,6 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 
 from alflow.constraints import free_mask
-
 from alflow.model import DeltaPotential, TrainingSettings
 
 CU_LATTICE = 3.63
@@ -50,6 +49,15 @@ def rattled(seed: int, stdev: float = 0.1, labelled: bool = True) -> Atoms:
 
 
 free_atoms = free_mask  # the tests' name for it
+
+
+def random_rotation(seed: int) -> np.ndarray:
+    """A proper rotation matrix (det +1) drawn from ``seed``."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
 
 
 @pytest.fixture

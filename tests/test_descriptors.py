@@ -20,7 +20,7 @@ from alflow.model.descriptors import (
     positions_vjp,
     symmetry_functions,
 )
-from conftest import make_slab
+from conftest import make_slab, random_rotation
 
 CU_C = ("Cu", "C")
 CU_C_O = ("Cu", "C", "O")
@@ -61,14 +61,6 @@ STRUCTURES = {
     "bulk_smaller_than_cutoff": (small_bulk, CU_C),
     "CO_on_Cu": (co_on_cu, CU_C_O),
 }
-
-
-def random_rotation(seed: int) -> np.ndarray:
-    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from alflow.model.descriptors import OverlappingAtomsError
 from alflow.model.ensemble import ensemble_statistics
 from alflow.model.network import ElementNetwork, StackedNetworks
 from alflow.model.potential import UnknownFormatError
-from conftest import free_atoms, label, make_slab, rattled
+from conftest import free_atoms, label, make_slab, rattled, random_rotation
 
 C = 12  # index of the C adatom; it sits on top of Cu atom 11
 TOP_CU = 11
@@ -29,14 +29,6 @@ def quick(images, ensemble=2, epochs=10, seed=0, **kwargs) -> DeltaPotential:
     return DeltaPotential(
         ["Cu", "C"], ensemble=ensemble, seed=seed, training=TrainingSettings(epochs=epochs), **kwargs
     ).fit(images)
-
-
-def random_rotation(seed: int) -> np.ndarray:
-    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 def finite_difference_forces(atoms: Atoms, h: float) -> np.ndarray:
