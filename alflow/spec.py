@@ -236,6 +236,7 @@ def _model(raw: Any, where: tuple[str, ...]) -> dict:
             "seed": (_integer(0), 0),
             "epochs": (_integer(1), 300),
             "force_coefficient": (_number(0.0, strict=False), 0.04),
+            "bootstrap": (_boolean, True),
             "morse_params": (_morse_params, None),
         },
     )

@@ -207,7 +207,8 @@ class DeltaPotential:
         self.histories = []
         for net, seed in zip(members, self.member_seeds()):
             draw = torch.Generator().manual_seed(seed + len(images))  # a fresh, reproducible bootstrap per set
-            w_e, w_f = bootstrap_weights(len(images), int(data.free.sum()), draw)
+            w_e, w_f = bootstrap_weights(len(images), int(data.free.sum()), draw) if settings.bootstrap else (
+                torch.ones(len(images), dtype=DTYPE), torch.ones(int(data.free.sum()), dtype=DTYPE))
             self.histories.append(train_member(net, data, w_e, w_f, settings))
         self.members = members
         self._stacked = StackedNetworks(self.members)

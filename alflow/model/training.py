@@ -33,6 +33,7 @@ class TrainingSettings:
     restart_multiplier: int = 2
     history_size: int = 20
     tolerance: float = 1e-10  # stop when the loss changes less than this (relative) for 10 epochs
+    bootstrap: bool = True  # members fit bootstrap resamples (the paper); False: all data, own seeds
 
     def __post_init__(self):
         if self.epochs < 1 or self.warm_epochs < 1:
