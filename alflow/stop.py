@@ -6,7 +6,9 @@
   ML-predicted minimum, labelled in this very iteration, is ≤ ``fmax`` — so the structure handed
   back is always oracle-verified (the original code tested the largest force *component*, one
   retrain late);
-- neb: |E_ML − E_oracle| at the predicted saddle ≤ ``energy_tol``;
+- neb: |E_ML − E_oracle| at the predicted saddle ≤ ``energy_tol`` and/or the error of the ML
+  barrier, |(E_ML(saddle) − E_ML(initial)) − (E_oracle(saddle) − E_oracle(initial))| on the same
+  two structures, ≤ ``barrier_tol`` (every one given);
 - md: validation energy and/or force MAE ≤ ``energy_mae`` / ``force_mae`` (every one given).
 
 Budgets (``done=True, converged=False``): ``max_iterations`` = n gives exactly n query rounds
@@ -26,7 +28,8 @@ import numpy as np
 KINDS = ("relax", "neb", "md")
 
 # which kind each convergence criterion belongs to
-_CONVERGENCE_KIND = {"fmax": "relax", "energy_tol": "neb", "energy_mae": "md", "force_mae": "md"}
+_CONVERGENCE_KIND = {"fmax": "relax", "energy_tol": "neb", "barrier_tol": "neb", "energy_mae": "md",
+                     "force_mae": "md"}
 _BUDGETS = ("max_iterations", "max_oracle_calls")
 
 
@@ -57,6 +60,7 @@ class StopState:
     oracle_calls: int  # total oracle calls paid so far in the campaign
     final_fmax_oracle: float | None = None  # relax: oracle max force at the predicted minimum (this iteration)
     saddle_energy_error: float | None = None  # neb: |E_ML − E_oracle| at the predicted saddle, eV
+    barrier_error: float | None = None  # neb: error of the ML barrier vs the oracle on the same images, eV
     validation: Mapping[str, float] | None = None  # md: {"energy_mae": eV, "force_mae": eV/Å}
 
     def __post_init__(self) -> None:
@@ -82,6 +86,7 @@ class StopCriteria:
     max_iterations: int | None = None
     fmax: float | None = None  # relax, eV/Å
     energy_tol: float | None = None  # neb, eV
+    barrier_tol: float | None = None  # neb, eV
     energy_mae: float | None = None  # md, eV
     force_mae: float | None = None  # md, eV/Å
     max_oracle_calls: int | None = None
@@ -157,12 +162,18 @@ def _convergence(criteria: StopCriteria, state: StopState) -> tuple[bool | None,
             return False, "the predicted minimum has no oracle label this iteration"
         ok = value <= criteria.fmax  # NaN compares False
         return ok, f"oracle fmax {_g(value)} {'≤' if ok else '>'} {_g(criteria.fmax)} eV/Å at the predicted minimum"
-    if state.kind == "neb" and criteria.energy_tol is not None:
-        if state.saddle_energy_error is None:
-            return False, "the predicted saddle has no oracle label this iteration"
-        value = abs(state.saddle_energy_error)
-        ok = value <= criteria.energy_tol
-        return ok, f"saddle energy error {_g(value)} {'≤' if ok else '>'} {_g(criteria.energy_tol)} eV"
+    if state.kind == "neb" and (criteria.energy_tol is not None or criteria.barrier_tol is not None):
+        parts, ok_all = [], True
+        for name, value, threshold in (("saddle energy error", state.saddle_energy_error, criteria.energy_tol),
+                                       ("barrier error", state.barrier_error, criteria.barrier_tol)):
+            if threshold is None:
+                continue
+            if value is None:
+                return False, f"no {name} this iteration (the saddle or the initial state lacks an oracle label)"
+            ok = abs(value) <= threshold
+            ok_all &= ok
+            parts.append(f"{name} {_g(abs(value))} {'≤' if ok else '>'} {_g(threshold)} eV")
+        return ok_all, ", ".join(parts)
     if state.kind == "md" and (criteria.energy_mae is not None or criteria.force_mae is not None):
         if state.validation is None:
             return False, "no validation this iteration"

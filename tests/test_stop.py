@@ -97,6 +97,16 @@ def test_neb_saddle_energy_tolerance():
     assert d.converged and "saddle" in d.reason
 
 
+def test_neb_barrier_tolerance_needs_both_errors_when_both_are_given():
+    crit = StopCriteria.from_dict({"energy_tol": 0.01, "barrier_tol": 0.01}, kind="neb")
+    assert not evaluate(crit, StopState(1, "neb", 8, saddle_energy_error=0.005, barrier_error=0.026)).done
+    assert not evaluate(crit, StopState(1, "neb", 8, saddle_energy_error=0.005)).done  # no initial-state label
+    d = evaluate(crit, StopState(2, "neb", 11, saddle_energy_error=0.004, barrier_error=-0.009))
+    assert d.converged and "barrier error 0.009" in d.reason
+    with pytest.raises(ValueError, match="barrier_tol.*neb"):
+        StopCriteria.from_dict({"barrier_tol": 0.01}, kind="relax")
+
+
 def test_md_validation_needs_every_given_threshold():
     crit = StopCriteria(energy_mae=0.05, force_mae=0.04)
     ok = {"energy_mae": 0.05, "force_mae": 0.039}
