@@ -18,10 +18,11 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import Calculator
 from ase.io import write
 
 from alflow import query, simulate, stop
@@ -115,37 +116,45 @@ def training_images(store, campaign: Mapping) -> list[Atoms]:
     return [store.label_atoms(d) for d in docs if d is not None and d["status"] == "ok"]
 
 
-def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any]:
-    """Fit the ensemble on all labels so far; the model goes to GridFS. Returns (potential, model id)."""
+def new_potential(campaign: Mapping, iteration: int) -> DeltaPotential:
+    """The untrained ensemble the spec's ``model`` section describes (seeded per round)."""
     model = campaign["spec"]["model"]
-    images = training_images(store, campaign)
-    if not images:
-        raise RuntimeError(f"campaign {campaign['name']}: no successful label to train on")
-    pot = DeltaPotential(
+    return DeltaPotential(
         campaign["elements"],
         prior=None if model["prior"] == "none" else "morse",
         ensemble=model["ensemble"],
         seed=model["seed"] + 1000 * iteration,
         morse_params=model.get("morse_params"),
-        training=TrainingSettings(epochs=model["epochs"], force_coefficient=model["force_coefficient"]),
-    ).fit(images)
+        training=TrainingSettings(epochs=model["epochs"], force_coefficient=model["force_coefficient"],
+                                  bootstrap=model.get("bootstrap", True)),
+    )
+
+
+def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any]:
+    """Fit the ensemble on all labels so far; the model goes to GridFS. Returns (potential, model id)."""
+    images = training_images(store, campaign)
+    if not images:
+        raise RuntimeError(f"campaign {campaign['name']}: no successful label to train on")
+    pot = new_potential(campaign, iteration).fit(images)
     model_id = store.save_model(pot, campaign["name"], iteration, list(campaign["label_ids"]), pot.report)
     return pot, model_id
 
 
-def run_simulation(pot: DeltaPotential, campaign: Mapping, iteration: int) -> simulate.SimulationResult:
-    """The ML simulation of this round, from the starting structure(s)."""
+def run_simulation(
+    calculator_factory: Callable[[], Calculator], campaign: Mapping, iteration: int, starts: list[Atoms] | None = None
+) -> simulate.SimulationResult:
+    """The ML simulation of this round, from the starting structure(s) (or ``starts``);
+    ``calculator_factory`` gives one calculator per NEB image (offline: ``potential.calculator``)."""
     spec, kind = campaign["spec"], campaign["kind"]
-    start_images = [structure_from_dict(s) for s in campaign["start_structures"]]
+    start_images = starts or [structure_from_dict(s) for s in campaign["start_structures"]]
     settings = dict(spec["simulation"])
     if kind == "relax":
-        atoms = start_images[0]
-        return simulate.relax(atoms, pot.calculator(), simulate.RelaxSettings(**settings))
+        return simulate.relax(start_images[0], calculator_factory(), simulate.RelaxSettings(**settings))
     if kind == "neb":
-        return simulate.neb(start_images[0], start_images[1], pot.calculator, simulate.NEBSettings(**settings))
+        return simulate.neb(start_images[0], start_images[1], calculator_factory, simulate.NEBSettings(**settings))
     if settings.get("seed") is None:  # per-round seeds differ unless fixed
         settings["seed"] = spec["model"]["seed"] + 7919 * iteration
-    return simulate.md(start_images[0], pot.calculator(), simulate.MDSettings(**settings))
+    return simulate.md(start_images[0], calculator_factory(), simulate.MDSettings(**settings))
 
 
 def choose(
@@ -164,6 +173,8 @@ def choose(
     key = None  # a run stopped by an unphysical structure has no minimum / saddle to check
     if campaign["kind"] in ("relax", "neb") and not result.stopped:
         key = Candidate.of(result.final, "final")
+        if campaign["kind"] == "neb":  # the barrier is measured from the band's initial state
+            key.prediction["initial"] = Candidate.of(frames[0], "query").to_dict()
     return [Candidate.of(frames[k], "query", k) for k in picks], key
 
 
@@ -179,16 +190,25 @@ class MergeOutcome:
 
 
 def merge(
-    store, campaign: Mapping, iteration: int, computed: list[dict], reused: list[dict], key: Mapping | None = None
+    store, campaign: Mapping, iteration: int, computed: list[dict], reused: list[dict], key: Mapping | None = None,
+    stored: list[dict] = (),
 ) -> MergeOutcome:
     """Store the round's labels, update counters and metrics, evaluate the stop criterion.
 
     ``computed``: [{"candidate": Candidate dict, "result": oracle result}] from the Label steps;
-    ``reused``: [{"label_id", "candidate"}] found in the label cache; ``key``: the Candidate dict of
-    the predicted minimum / saddle (its label, new or cached, decides relax / NEB convergence).
+    ``reused``: [{"label_id", "candidate"}] found in the label cache; ``stored``: the same form,
+    for labels paid this round and already stored by the caller (the online learner's calls);
+    ``key``: the Candidate dict of the predicted minimum / saddle (its label, new or cached,
+    decides relax / NEB convergence).
     """
     name, oracle = campaign["name"], campaign["spec"]["oracle"]
     new_ids, records, paid, failed = [], [], 0, 0
+    for item in stored:
+        doc = store.label_by_id(item["label_id"])
+        paid += 1
+        failed += doc["status"] != "ok"
+        new_ids.append(doc["_id"])
+        records.append((item["candidate"], doc))
     for item in computed:
         cand, result = item["candidate"], item["result"]
         doc, _ = store.put_label(
@@ -257,7 +277,13 @@ def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
     if campaign["kind"] == "relax":
         atoms = store.label_atoms(doc)
         return {"final_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free_mask(atoms))}
-    return {"saddle_energy_error": abs(key["prediction"]["energy"] - doc["energy"])}
+    checks = {"saddle_energy_error": abs(key["prediction"]["energy"] - doc["energy"])}
+    initial = key["prediction"].get("initial")
+    start = store.label(initial["hash"], campaign["oracle_hash"]) if initial else None
+    if start is not None and start["status"] == "ok" and "energy" in initial["prediction"]:
+        ml = key["prediction"]["energy"] - initial["prediction"]["energy"]
+        checks["barrier_error"] = abs(ml - (doc["energy"] - start["energy"]))
+    return checks
 
 
 def write_results(

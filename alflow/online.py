@@ -13,13 +13,17 @@ calls the oracle at every step (measured; calibrating the uncertainty is open wo
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
+from alflow import campaign as steps
+from alflow import stop
 from alflow.model import DeltaPotential
+from alflow.oracles import compute_label
+from alflow.store.hashing import structure_hash
 
 #: Returns the structure with the oracle's energy and forces attached, or None if the oracle failed.
 Oracle = Callable[[Atoms], Atoms | None]
@@ -55,6 +59,24 @@ class OnlineLearner(Calculator):
         self.oracle_calls = 0
         self.failures: list[float] = []
         self._ml = potential.calculator() if potential.is_trained else None
+        self._labelled: dict[str, Atoms] = {}
+        for atoms in self.training:
+            self._labelled[structure_hash(atoms)] = atoms
+
+    def _add(self, labelled: Atoms) -> None:
+        self.training.append(labelled)
+        self._labelled[structure_hash(labelled)] = labelled
+
+    @staticmethod
+    def _label_results(labelled: Atoms, uncertainty: float) -> dict:
+        energy = labelled.get_potential_energy()
+        forces = np.array(labelled.get_forces(apply_constraint=False))
+        return {"energy": energy, "free_energy": energy, "forces": forces, "uncertainty": uncertainty}
+
+    def fork(self) -> "Calculator":
+        """A calculator for one more image (NEB) that learns into this learner: ASE gives every
+        image its own calculator instance, the learning state is shared."""
+        return _SharedLearner(self)
 
     def _ml_results(self, atoms: Atoms) -> dict | None:
         if self._ml is None:
@@ -67,23 +89,21 @@ class OnlineLearner(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
+        known = self._labelled.get(structure_hash(self.atoms))
+        if known is not None:  # a structure with a label is answered by it: exact, and never paid twice
+            self.results = self._label_results(known, 0.0)
+            return
         ml = self._ml_results(self.atoms)
         unsure = ml is None or ml["uncertainty"] > self.threshold
         if unsure and self._budget_left():
             self.oracle_calls += 1
             labelled = self.oracle(self.atoms.copy())
             if labelled is not None:
-                self.training.append(labelled)
+                self._add(labelled)
                 self.potential.fit(self.training, warm_start=True)
                 if self._ml is None:
                     self._ml = self.potential.calculator()
-                energy = labelled.get_potential_energy()
-                self.results = {
-                    "energy": energy,
-                    "free_energy": energy,
-                    "forces": np.array(labelled.get_forces(apply_constraint=False)),
-                    "uncertainty": np.inf if ml is None else ml["uncertainty"],
-                }
+                self.results = self._label_results(labelled, np.inf if ml is None else ml["uncertainty"])
                 return
             self.failures.append(np.inf if ml is None else ml["uncertainty"])
             if ml is None:
@@ -91,3 +111,115 @@ class OnlineLearner(Calculator):
         if ml is None:
             raise RuntimeError("no model yet and the oracle-call budget is spent")
         self.results = {k: ml[k] for k in ("energy", "free_energy", "forces", "uncertainty")}
+
+
+class _SharedLearner(Calculator):
+    """Delegates to one :class:`OnlineLearner` (see :meth:`OnlineLearner.fork`)."""
+
+    implemented_properties = OnlineLearner.implemented_properties
+
+    def __init__(self, learner: OnlineLearner):
+        super().__init__()
+        self.learner = learner
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.learner.calculate(self.atoms, properties, all_changes)
+        self.results = dict(self.learner.results)
+
+
+# ---------------------------------------------------------------------------------------------
+# the online campaign step (one firework: alflow.fw.tasks.OnlineTask)
+
+
+class StoreOracle:
+    """The oracle as the online learner calls it: label cache first, then the oracle, and every new
+    label stored at once (a crash mid-simulation loses nothing that was paid for).
+
+    ``stored`` / ``reused``: [{"label_id", "candidate"}] for :func:`alflow.campaign.merge`.
+    """
+
+    def __init__(self, store, campaign: Mapping, iteration: int):
+        self.store, self.campaign, self.iteration = store, campaign, iteration
+        self.stored: list[dict] = []
+        self.reused: list[dict] = []
+
+    def label(self, atoms: Atoms, role: str = "online", prediction: dict | None = None) -> dict:
+        """The label document of ``atoms`` (cached or computed now)."""
+        cand = steps.Candidate.of(atoms, role)
+        cand.prediction = prediction or {}
+        c = self.campaign
+        doc = self.store.label(cand.hash, c["oracle_hash"])
+        if doc is not None:
+            self.reused.append({"label_id": str(doc["_id"]), "candidate": cand.to_dict()})
+            return doc
+        result = compute_label(atoms, c["spec"]["oracle"])
+        doc, _ = self.store.put_label(
+            atoms, c["oracle_hash"], dict(c["spec"]["oracle"]), result,
+            {"campaign": c["name"], "iteration": self.iteration, "role": role, "frame": None},
+        )
+        self.stored.append({"label_id": str(doc["_id"]), "candidate": cand.to_dict()})
+        return doc
+
+    def __call__(self, atoms: Atoms) -> Atoms | None:
+        doc = self.label(atoms)
+        return self.store.label_atoms(doc) if doc["status"] == "ok" else None
+
+    def paid(self) -> int:
+        return len(self.stored)
+
+
+def _ml_prediction(pot: DeltaPotential, atoms: Atoms) -> dict:
+    p = pot.predict(atoms)[0]
+    return {"energy": p.energy, "forces": p.forces.tolist(), "uncertainty": p.uncertainty}
+
+
+def run_online(store, campaign: Mapping, iteration: int = 1):
+    """Online active learning from round ``iteration`` until the stop criterion holds.
+
+    Each round runs the whole simulation with an :class:`OnlineLearner` (the ensemble, warm-started
+    across rounds, calls the oracle inline above ``learner.threshold``). Then the oracle checks the
+    round's key structure, exactly as offline: the relaxed minimum (fmax) or the saddle (energy
+    error of the ML prediction); MD labels ``query.samples`` frames as validation. A round that
+    does not meet the criterion adds those labels and runs again (relax: from the last minimum).
+    Returns (MergeOutcome, key Candidate dict or None, trajectory id) of the last round.
+    """
+    name, kind = campaign["name"], campaign["kind"]
+    spec = campaign["spec"]
+    criteria = stop.StopCriteria.from_dict(spec["learner"]["stop"], kind)
+    starts = [steps.structure_from_dict(s) for s in campaign["start_structures"]]
+    training = steps.training_images(store, campaign)
+    pot = steps.new_potential(campaign, iteration).fit(training)
+    while True:
+        campaign = store.campaign(name)
+        oracle = StoreOracle(store, campaign, iteration)
+        budget = criteria.remaining_oracle_calls(campaign["counters"]["oracle_calls"])
+        learner = OnlineLearner(pot, training, oracle, spec["learner"]["threshold"], max_oracle_calls=budget)
+        result = steps.run_simulation(learner.fork, campaign, iteration, starts)
+        frames = result.band if kind == "neb" else result.frames
+        trajectory = store.save_trajectory(frames, name, iteration, kind)
+        key = None
+        if kind in ("relax", "neb") and not result.stopped:
+            key_cand = steps.Candidate.of(result.final, "final")
+            oracle.label(result.final, "final", key_cand.prediction)
+            key = key_cand.to_dict()
+        elif kind == "md":
+            picks, _ = steps.choose(store, campaign, result, iteration)
+            for c in picks:
+                atoms = steps.structure_from_dict(c.structure)
+                oracle.label(atoms, "query", _ml_prediction(pot, atoms))
+        outcome = steps.merge(store, campaign, iteration, [], oracle.reused, key, stored=oracle.stored)
+        print(f"{name}: online round {iteration}: {result.steps} steps, {oracle.paid()} oracle calls; "
+              f"{outcome.decision.reason}", flush=True)
+        if outcome.decision.done:
+            return outcome, key, str(trajectory)
+        if not oracle.paid():  # every structure of the round was known: another round would repeat it
+            outcome.decision = stop.StopDecision(True, False, f"stopped without converging: round {iteration} "
+                                                 "learned nothing new (no oracle call)")
+            return outcome, key, str(trajectory)
+        # not there yet: learn from the checks too, and (relax) carry on from the last minimum
+        training = steps.training_images(store, store.campaign(name))
+        pot.fit(training, warm_start=True)
+        if kind == "relax" and key is not None:
+            starts = [steps.structure_from_dict(key["structure"])]
+        iteration += 1

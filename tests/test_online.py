@@ -57,3 +57,20 @@ def test_oracle_answers_where_unsure_and_the_model_learns():
     atoms.positions[12, 2] -= 0.3  # far from the single label: unsure, the oracle answers again
     atoms.get_forces()
     assert calc.oracle_calls == 2 and len(calc.training) == 2
+
+
+def test_a_labelled_structure_is_answered_by_its_label_and_images_share_the_learner():
+    calc = learner(threshold=1e3)  # sure everywhere once trained
+    atoms = c_cu100()
+    atoms.calc = calc
+    atoms.get_forces()  # no model yet: the oracle answers and the model is trained
+    moved = atoms.copy()
+    moved.positions[12, 2] -= 0.2
+    moved.calc = calc.fork()
+    ml = moved.get_forces(apply_constraint=False).copy()
+    assert calc.oracle_calls == 1  # the fork asked the shared learner, which was sure
+    assert not np.allclose(ml, emt_labelled(moved).calc.results["forces"], atol=1e-3)
+    again = c_cu100()  # the labelled structure itself: its label, exactly, with no new call
+    again.calc = calc.fork()
+    assert np.allclose(again.get_forces(apply_constraint=False), emt_labelled(again).calc.results["forces"])
+    assert calc.oracle_calls == 1 and again.calc.results["uncertainty"] == 0.0

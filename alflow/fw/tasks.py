@@ -6,6 +6,7 @@ LaunchPad (``_add_launchpad_and_fw_id``): the same database and client as FireWo
     TrainTask → ExploreTask        fit the ensemble; ML simulation + query      (ml)
     LabelTask × K                  oracle call, no database                     (dft)
     MergeTask                      store labels, metrics, stop or next round    (ml)
+    OnlineTask                     online learner (oracle inline) to the end    (ml)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 
 from alflow import campaign as steps
+from alflow.online import run_online
 from alflow.oracles import compute_label
 from alflow.store import Store
 
@@ -61,7 +63,7 @@ class ExploreTask(_StoreTask):
         store, campaign = self.store_and_campaign()
         i = self["iteration"]
         pot = store.load_model(fw_spec["model_id"])
-        result = steps.run_simulation(pot, campaign, i)
+        result = steps.run_simulation(pot.calculator, campaign, i)
         frames = result.band if campaign["kind"] == "neb" else result.frames
         trajectory = store.save_trajectory(frames, campaign["name"], i, campaign["kind"])
         candidates, key = steps.choose(store, campaign, result, i)
@@ -107,4 +109,20 @@ class MergeTask(_StoreTask):
             summary = steps.write_results(store, store.campaign(campaign["name"]), outcome, self.get("key"),
                                           self.get("trajectory"))
             return FWAction(stored_data={**data, "summary": str(summary)})
-        return FWAction(additions=[round_firework(campaign["name"], i + 1)], stored_data=data)
+        online = campaign["spec"]["learner"]["kind"] == "online"
+        return FWAction(additions=[round_firework(campaign["name"], i + 1, online)], stored_data=data)
+
+
+@explicit_serialize
+class OnlineTask(_StoreTask):
+    """Online learning after the seed round: the whole simulation with the oracle called inline
+    where the ensemble is unsure, repeated until the stop criterion holds; then the results."""
+
+    required_params = ["campaign", "iteration"]
+
+    def run_task(self, fw_spec):
+        store, campaign = self.store_and_campaign()
+        outcome, key, trajectory = run_online(store, campaign, self["iteration"])
+        summary = steps.write_results(store, store.campaign(campaign["name"]), outcome, key, trajectory)
+        return FWAction(stored_data={"decision": outcome.decision.reason, "paid": outcome.paid,
+                                     "summary": str(summary)})

@@ -7,7 +7,7 @@ from typing import Mapping
 from fireworks import Firework, Workflow
 
 from alflow.campaign import Candidate
-from alflow.fw.tasks import ExploreTask, LabelTask, MergeTask, SeedTask, TrainTask
+from alflow.fw.tasks import ExploreTask, LabelTask, MergeTask, OnlineTask, SeedTask, TrainTask
 
 ML = {"_category": "ml", "_add_launchpad_and_fw_id": True}
 
@@ -18,8 +18,12 @@ def campaign_workflow(name: str) -> Workflow:
     return Workflow([seed], name=f"alflow {name}", metadata={"alflow_campaign": name})
 
 
-def round_firework(name: str, iteration: int) -> Firework:
-    """Round ``iteration`` ≥ 1 on the ML worker: train, then simulate and query."""
+def round_firework(name: str, iteration: int, online: bool = False) -> Firework:
+    """Round ``iteration`` ≥ 1 on the ML worker: train, then simulate and query (offline), or the
+    online learner's firework, which runs to the end of the campaign."""
+    if online:
+        tasks = [OnlineTask(campaign=name, iteration=iteration)]
+        return Firework(tasks, spec=dict(ML), name=f"{name}: online from round {iteration}")
     tasks = [TrainTask(campaign=name, iteration=iteration), ExploreTask(campaign=name, iteration=iteration)]
     return Firework(tasks, spec=dict(ML), name=f"{name}: round {iteration}")
 
