@@ -54,6 +54,13 @@ def snapshot(launchpad, path: Path) -> None:
         os.close(dir_fd)
 
 
+def embedded_rockets(rocket_module) -> None:
+    """No ping thread for rockets launched here: its last ping writes to the launch while the rocket
+    completes it, and mongomock is not thread-safe (measured: "OrderedDict mutated during
+    iteration"). Pings detect lost remote workers; the embedded runner is one process."""
+    rocket_module.start_ping_launch = lambda launchpad, launch_id: None
+
+
 def run(spec, store_dir: str | Path, progress: Callable[[str], None] = print) -> Path:
     """Run the campaign of ``spec`` to completion on the embedded store; returns summary.json's path."""
     path = use_store(store_dir)
@@ -63,6 +70,7 @@ def run(spec, store_dir: str | Path, progress: Callable[[str], None] = print) ->
 
     # FireWorks' FW_config setting, read by each Rocket: errors only; progress is ours (below)
     fireworks.core.rocket.ROCKET_STREAM_LOGLEVEL = "ERROR"
+    embedded_rockets(fireworks.core.rocket)
 
     from alflow.campaign import start
     from alflow.fw.workflow import campaign_workflow

@@ -1,0 +1,152 @@
+"""Paper-protocol benchmark: oracle calls and accuracy of the example campaigns vs the direct
+oracle run, over several seeds, with and without the Morse prior.
+
+Each campaign runs through ``alflow run`` (FireWorks on a fresh embedded store, one process per
+run) from the shipped spec in ``workflows/`` with ``model.seed`` (and the MD velocity seed) set
+per run. The direct run uses the same simulation settings with EMT as the calculator, in this
+process. Metrics are the paper's (REFERENCE.md):
+
+- relax: oracle calls; energy error |E_ML(final) − E_EMT(direct minimum)|; structure error
+  = mean over atoms of |Δx|+|Δy|+|Δz| between the campaign's and the direct minimum;
+- neb: oracle calls; barrier error of the ML band and of the oracle-labelled saddle;
+- md: oracle calls; the validation errors the campaign stopped on.
+
+    python benchmarks/bench_campaigns.py relax --seeds 0 1 2 3 4 [--prior none] [--online]
+    → table + benchmarks/results/campaign_<case>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from ase.calculators.emt import EMT
+from ase.io import read
+
+from alflow import simulate
+from alflow.spec import load_spec
+
+ROOT = Path(__file__).parents[1]
+RESULTS = Path(__file__).parent / "results"
+EXAMPLES = {"relax": "c_cu100_relax", "relax_online": "c_cu100_relax_online", "neb": "o_cu100_neb",
+            "md": "co_cu100_md"}
+
+
+class CountingEMT(EMT):
+    calls = 0
+
+    def calculate(self, *args, **kwargs):
+        CountingEMT.calls += 1
+        super().calculate(*args, **kwargs)
+
+
+def direct_run(spec) -> dict:
+    """The simulation with the oracle itself: its calls and reference results."""
+    CountingEMT.calls = 0
+    settings = dict(spec.simulation)
+    if spec.kind == "relax":
+        r = simulate.relax(spec.images[0], CountingEMT(), simulate.RelaxSettings(**settings))
+        return {"calls": CountingEMT.calls, "final": r.final, "energy": r.final.get_potential_energy()}
+    if spec.kind == "neb":
+        r = simulate.neb(spec.images[0], spec.images[1], CountingEMT, simulate.NEBSettings(**settings))
+        energies = [a.get_potential_energy() for a in r.band]
+        return {"calls": CountingEMT.calls, "barrier": max(energies) - energies[0]}
+    return {"calls": int(settings.get("steps", 2000))}  # MD: one oracle call per step
+
+
+def structure_error(a, b) -> float:
+    return float(np.abs(a.positions - b.positions).sum(axis=1).mean())
+
+
+def run_campaign(example: str, seed: int, prior: str) -> tuple[dict, float]:
+    """One campaign in a fresh folder and store; returns (summary, wall seconds)."""
+    with tempfile.TemporaryDirectory(prefix="alflow-bench-") as tmp:
+        tmp = Path(tmp)
+        for f in (ROOT / "workflows").glob("*.traj"):
+            shutil.copy(f, tmp)
+        spec = yaml.safe_load((ROOT / "workflows" / f"{example}.yaml").read_text())
+        spec["model"] = {**spec.get("model", {}), "seed": seed, "prior": prior}
+        if spec["simulation"]["kind"] == "md":
+            spec["simulation"]["seed"] = seed
+        spec["results"] = str(tmp / "results")
+        (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "alflow", "run", "spec.yaml", "--store", "store"], cwd=tmp,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode not in (0, 3):
+            return {"converged": False, "error": proc.stderr.strip().splitlines()[-1:]}, wall
+        summary = json.loads((tmp / "results" / "summary.json").read_text())
+        if "final_structure" in summary:
+            summary["final_atoms"] = read(summary["final_structure"])
+        return summary, wall
+
+
+def metrics(kind: str, summary: dict, direct: dict) -> dict:
+    out = {"converged": bool(summary.get("converged")), "oracle_calls": summary.get("oracle_calls"),
+           "iterations": summary.get("iterations"), "failed_labels": summary.get("failed_labels")}
+    if kind == "relax" and "final_atoms" in summary:
+        out["energy_error"] = abs(summary["final_energy"] - direct["energy"])
+        out["structure_error"] = structure_error(summary["final_atoms"], direct["final"])
+    if kind == "neb" and "barrier" in summary:
+        out["barrier_error"] = abs(summary["barrier"] - direct["barrier"])
+        if "barrier_oracle" in summary:
+            out["barrier_error_oracle"] = abs(summary["barrier_oracle"] - direct["barrier"])
+    if kind == "md":
+        out.update({k: (summary.get("validation") or {}).get(k) for k in ("energy_mae", "force_mae")})
+    return out
+
+
+def mean_std(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    m = statistics.fmean(values)
+    s = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{m:.4g} ± {s:.2g}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("case", choices=sorted(EXAMPLES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--prior", choices=("morse", "none"), default="morse")
+    args = ap.parse_args()
+    example = EXAMPLES[args.case]
+    spec = load_spec(ROOT / "workflows" / f"{example}.yaml")
+    direct = direct_run(spec)
+    runs = []
+    for seed in args.seeds:
+        summary, wall = run_campaign(example, seed, args.prior)
+        row = {"seed": seed, "wall_s": round(wall, 1), **metrics(spec.kind, summary, direct)}
+        runs.append(row)
+        print(json.dumps(row), flush=True)
+    keys = [k for k in ("oracle_calls", "energy_error", "structure_error", "barrier_error", "barrier_error_oracle",
+                        "energy_mae", "force_mae", "wall_s") if any(r.get(k) is not None for r in runs)]
+    table = {k: mean_std([r.get(k) for r in runs]) for k in keys}
+    print(f"\n{args.case} (prior {args.prior}), {len(runs)} seeds, {sum(r['converged'] for r in runs)} converged; "
+          f"direct oracle run: {direct['calls']} calls")
+    for k, v in table.items():
+        print(f"  {k:<22} {v}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"campaign_{args.case}{'_noprior' if args.prior == 'none' else ''}.json"
+    out.write_text(json.dumps({
+        "case": args.case, "example": f"workflows/{example}.yaml", "prior": args.prior, "seeds": args.seeds,
+        "direct_oracle_calls": direct["calls"],
+        "direct": {k: v for k, v in direct.items() if k in ("energy", "barrier")},
+        "converged": sum(r["converged"] for r in runs), "mean_std": table, "runs": runs,
+    }, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
