@@ -9,6 +9,7 @@ temporary file, fsynced and renamed, so a crash never leaves a truncated store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -90,10 +91,15 @@ def run(spec, store_dir: str | Path, progress: Callable[[str], None] = print) ->
     worker = FWorker(name="alflow-embedded")
     here = os.getcwd()
     try:
-        while launchpad.run_exists(worker):
-            os.chdir(tempfile.mkdtemp(dir=launches, prefix="launch_"))
-            launch_rocket(launchpad, worker, strm_lvl="ERROR")
+        while True:  # until no firework is ready (launch_rocket's answer spares a run_exists query)
+            launch_dir = tempfile.mkdtemp(dir=launches, prefix="launch_")
+            os.chdir(launch_dir)
+            ran = launch_rocket(launchpad, worker, strm_lvl="ERROR")
             os.chdir(here)
+            if not ran:
+                with contextlib.suppress(OSError):  # nothing ran there: drop the empty folder
+                    Path(launch_dir).rmdir()
+                break
             snapshot(launchpad, path)
             progress(_progress_line(launchpad, store, spec.name))
     finally:
