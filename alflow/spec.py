@@ -8,11 +8,11 @@ anywhere while a spec is validated.
     system: {structure: c_cu100.traj}              # NEB: {initial: a.traj, final: b.traj}
     simulation: {kind: relax, fmax: 0.03}           # relax | neb | md
     oracle: {kind: emt}                             # emt | python (callable: "pkg.mod:function")
-    model: {prior: morse, ensemble: 5}
+    model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, morse_params
     learner:
-      kind: offline                                 # offline | online
+      kind: offline                                 # offline | online (+ threshold: eV/Å)
       query: {strategy: relax_final, samples: 1}
-      stop: {fmax: 0.03, max_iterations: 20}
+      stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol; md: energy_mae, force_mae
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Members differ in their initial weights (own seed) and in their data: a bootstrap draw over the
 structures for the energy terms and over the free atoms for the force terms, so even a training
 set of one structure gives members different data (the original code's members were identical).
+With ``TrainingSettings.bootstrap = False`` every member fits all the data and members differ by
+their seeds only (measured: a better ensemble mean when the training set is a handful of structures).
 """
 
 from __future__ import annotations
