@@ -203,12 +203,6 @@ def merge(
     """
     name, oracle = campaign["name"], campaign["spec"]["oracle"]
     new_ids, records, paid, failed = [], [], 0, 0
-    for item in stored:
-        doc = store.label_by_id(item["label_id"])
-        paid += 1
-        failed += doc["status"] != "ok"
-        new_ids.append(doc["_id"])
-        records.append((item["candidate"], doc))
     for item in computed:
         cand, result = item["candidate"], item["result"]
         doc, _ = store.put_label(
@@ -219,10 +213,13 @@ def merge(
         failed += result["status"] != "ok"
         new_ids.append(doc["_id"])
         records.append((cand, doc))
-    for item in reused:
-        doc = store.label_by_id(item["label_id"])
-        new_ids.append(doc["_id"])
-        records.append((item["candidate"], doc))
+    for items, paid_here in ((stored, True), (reused, False)):  # labels already in the store
+        for item in items:
+            doc = store.label_by_id(item["label_id"])
+            paid += paid_here
+            failed += paid_here and doc["status"] != "ok"
+            new_ids.append(doc["_id"])
+            records.append((item["candidate"], doc))
     label_ids = list(campaign["label_ids"]) + [i for i in new_ids if i not in campaign["label_ids"]]
     store.update_campaign(name, label_ids=label_ids, iteration=iteration)
     store.count(name, oracle_calls=paid, failed_labels=failed, reused_labels=len(reused))

@@ -144,25 +144,25 @@ class StoreOracle:
         self.stored: list[dict] = []
         self.reused: list[dict] = []
 
-    def label(self, atoms: Atoms, role: str = "online", prediction: dict | None = None) -> dict:
-        """The label document of ``atoms`` (cached or computed now)."""
-        cand = steps.Candidate.of(atoms, role)
-        cand.prediction = prediction or {}
+    def label(self, cand: steps.Candidate, atoms: Atoms | None = None) -> dict:
+        """The label document of the candidate's structure (``atoms``, if given): cached or computed now."""
         c = self.campaign
+        item = {"candidate": cand.to_dict()}
         doc = self.store.label(cand.hash, c["oracle_hash"])
         if doc is not None:
-            self.reused.append({"label_id": str(doc["_id"]), "candidate": cand.to_dict()})
+            self.reused.append({"label_id": str(doc["_id"]), **item})
             return doc
+        atoms = steps.structure_from_dict(cand.structure) if atoms is None else atoms
         result = compute_label(atoms, c["spec"]["oracle"])
         doc, _ = self.store.put_label(
             atoms, c["oracle_hash"], dict(c["spec"]["oracle"]), result,
-            {"campaign": c["name"], "iteration": self.iteration, "role": role, "frame": None},
+            {"campaign": c["name"], "iteration": self.iteration, "role": cand.role, "frame": cand.frame},
         )
-        self.stored.append({"label_id": str(doc["_id"]), "candidate": cand.to_dict()})
+        self.stored.append({"label_id": str(doc["_id"]), **item})
         return doc
 
     def __call__(self, atoms: Atoms) -> Atoms | None:
-        doc = self.label(atoms)
+        doc = self.label(steps.Candidate.of(atoms, "online"), atoms)
         return self.store.label_atoms(doc) if doc["status"] == "ok" else None
 
     def paid(self) -> int:
@@ -191,7 +191,6 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
     training = steps.training_images(store, campaign)
     pot = steps.new_potential(campaign, iteration).fit(training)
     while True:
-        campaign = store.campaign(name)
         oracle = StoreOracle(store, campaign, iteration)
         budget = criteria.remaining_oracle_calls(campaign["counters"]["oracle_calls"])
         learner = OnlineLearner(pot, training, oracle, spec["learner"]["threshold"], max_oracle_calls=budget)
@@ -201,13 +200,14 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
         key = None
         if kind in ("relax", "neb") and not result.stopped:
             key_cand = steps.Candidate.of(result.final, "final")
-            oracle.label(result.final, "final", key_cand.prediction)
+            oracle.label(key_cand, result.final)
             key = key_cand.to_dict()
         elif kind == "md":
             picks, _ = steps.choose(store, campaign, result, iteration)
-            for c in picks:
+            for c in picks:  # validation frames: the model's prediction, not the learner's answer
                 atoms = steps.structure_from_dict(c.structure)
-                oracle.label(atoms, "query", _ml_prediction(pot, atoms))
+                c.prediction = _ml_prediction(pot, atoms)
+                oracle.label(c, atoms)
         outcome = steps.merge(store, campaign, iteration, [], oracle.reused, key, stored=oracle.stored)
         print(f"{name}: online round {iteration}: {result.steps} steps, {oracle.paid()} oracle calls; "
               f"{outcome.decision.reason}", flush=True)
@@ -218,7 +218,8 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
                                                  "learned nothing new (no oracle call)")
             return outcome, key, str(trajectory)
         # not there yet: learn from the checks too, and (relax) carry on from the last minimum
-        training = steps.training_images(store, store.campaign(name))
+        campaign = store.campaign(name)
+        training = steps.training_images(store, campaign)
         pot.fit(training, warm_start=True)
         if kind == "relax" and key is not None:
             starts = [steps.structure_from_dict(key["structure"])]
