@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from ase import Atoms
@@ -158,12 +158,14 @@ def run_simulation(
 
 
 def choose(
-    store, campaign: Mapping, result: simulate.SimulationResult, iteration: int
+    store, campaign: Mapping, result: simulate.SimulationResult, iteration: int, also_labelled: Iterable[str] = ()
 ) -> tuple[list[Candidate], Candidate | None]:
-    """Frames to label next (never one the campaign already has) and the round's key structure:
-    the predicted minimum (relax) or saddle (neb), whose oracle label decides convergence."""
+    """Frames to label next (never one the campaign already has, nor a hash in ``also_labelled``:
+    labels not merged yet) and the round's key structure: the predicted minimum (relax) or saddle
+    (neb), whose oracle label decides convergence."""
     frames = result.band if campaign["kind"] == "neb" else result.frames
     labelled = {d["structure_hash"] for d in (store.label_by_id(i) for i in campaign["label_ids"]) if d}
+    labelled.update(also_labelled)
     q = campaign["spec"]["learner"]["query"]
     ctx = query.QueryContext(
         frames=frames, kind=campaign["kind"], labelled=labelled,

@@ -63,6 +63,10 @@ class OnlineLearner(Calculator):
         for atoms in self.training:
             self._labelled[structure_hash(atoms)] = atoms
 
+    def labelled_hashes(self) -> set[str]:
+        """Structure hashes of every labelled structure the learner holds."""
+        return set(self._labelled)
+
     def _add(self, labelled: Atoms) -> None:
         self.training.append(labelled)
         self._labelled[structure_hash(labelled)] = labelled
@@ -203,8 +207,9 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
             oracle.label(key_cand, result.final)
             key = key_cand.to_dict()
         elif kind == "md":
-            picks, _ = steps.choose(store, campaign, result, iteration)
-            for c in picks:  # validation frames: the model's prediction, not the learner's answer
+            # validation frames: unseen by the learner, with the model's prediction (not the learner's answer)
+            picks, _ = steps.choose(store, campaign, result, iteration, also_labelled=learner.labelled_hashes())
+            for c in picks:
                 atoms = steps.structure_from_dict(c.structure)
                 c.prediction = _ml_prediction(pot, atoms)
                 oracle.label(c, atoms)
