@@ -67,7 +67,7 @@ def structure_error(a, b) -> float:
     return float(np.abs(a.positions - b.positions).sum(axis=1).mean())
 
 
-def run_campaign(example: str, seed: int, prior: str) -> tuple[dict, float]:
+def run_campaign(example: str, seed: int, prior: str, overrides: dict) -> tuple[dict, float]:
     """One campaign in a fresh folder and store; returns (summary, wall seconds)."""
     with tempfile.TemporaryDirectory(prefix="alflow-bench-") as tmp:
         tmp = Path(tmp)
@@ -77,6 +77,9 @@ def run_campaign(example: str, seed: int, prior: str) -> tuple[dict, float]:
         spec["model"] = {**spec.get("model", {}), "seed": seed, "prior": prior}
         if spec["simulation"]["kind"] == "md":
             spec["simulation"]["seed"] = seed
+        for dotted, value in overrides.items():
+            section, key = dotted.split(".", 1)
+            spec.setdefault(section, {})[key] = value
         spec["results"] = str(tmp / "results")
         (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
         t0 = time.perf_counter()
@@ -120,27 +123,32 @@ def main() -> None:
     ap.add_argument("case", choices=sorted(EXAMPLES))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--prior", choices=("morse", "none"), default="morse")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a spec key (YAML value), e.g. learner.trust_radius=0.5")
+    ap.add_argument("--tag", help="suffix of the results file (runs with --set)")
     args = ap.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     example = EXAMPLES[args.case]
     spec = load_spec(ROOT / "workflows" / f"{example}.yaml")
     direct = direct_run(spec)
     runs = []
     for seed in args.seeds:
-        summary, wall = run_campaign(example, seed, args.prior)
+        summary, wall = run_campaign(example, seed, args.prior, overrides)
         row = {"seed": seed, "wall_s": round(wall, 1), **metrics(spec.kind, summary, direct)}
         runs.append(row)
         print(json.dumps(row), flush=True)
     keys = [k for k in ("oracle_calls", "energy_error", "structure_error", "barrier_error", "barrier_error_oracle",
                         "energy_mae", "force_mae", "wall_s") if any(r.get(k) is not None for r in runs)]
     table = {k: mean_std([r.get(k) for r in runs]) for k in keys}
-    print(f"\n{args.case} (prior {args.prior}), {len(runs)} seeds, {sum(r['converged'] for r in runs)} converged; "
+    print(f"\n{args.case} (prior {args.prior}{', ' if overrides else ''}{args.set or ''}), {len(runs)} seeds, {sum(r['converged'] for r in runs)} converged; "
           f"direct oracle run: {direct['calls']} calls")
     for k, v in table.items():
         print(f"  {k:<22} {v}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"campaign_{args.case}{'_noprior' if args.prior == 'none' else ''}.json"
+    out = RESULTS / f"campaign_{args.case}{'_noprior' if args.prior == 'none' else ''}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps({
         "case": args.case, "example": f"workflows/{example}.yaml", "prior": args.prior, "seeds": args.seeds,
+        "overrides": overrides,
         "direct_oracle_calls": direct["calls"],
         "direct": {k: v for k, v in direct.items() if k in ("energy", "barrier")},
         "converged": sum(r["converged"] for r in runs), "mean_std": table, "runs": runs,

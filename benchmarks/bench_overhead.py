@@ -42,6 +42,7 @@ def main() -> None:
 
     fireworks.core.rocket.ROCKET_STREAM_LOGLEVEL = "ERROR"
     runner.embedded_rockets(fireworks.core.rocket)
+    runner.embedded_queries()
     import yaml
     from ase.io import write
 
