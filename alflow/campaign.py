@@ -25,7 +25,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.io import write
 
-from alflow import query, simulate, stop
+from alflow import metrics, query, simulate, stop
 from alflow.model import DeltaPotential, TrainingSettings
 from alflow.constraints import free_mask
 from alflow.spec import CampaignSpec
@@ -318,7 +318,7 @@ def write_results(
         write(out / "band.extxyz", frames)
         energies = [f.get_potential_energy() for f in frames]
         start = store.label(structure_hash(frames[0]), campaign["oracle_hash"])
-        summary.update(band=str(out / "band.extxyz"), barrier=max(energies) - energies[0])
+        summary.update(band=str(out / "band.extxyz"), barrier=metrics.barrier(energies))
         if label is not None and start is not None and label["status"] == start["status"] == "ok":
             summary["barrier_oracle"] = label["energy"] - start["energy"]
     elif kind == "md" and frames:

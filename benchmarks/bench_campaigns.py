@@ -27,12 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
 from ase.calculators.emt import EMT
 from ase.io import read
 
 from alflow import simulate
+from alflow.metrics import barrier, structure_error
 from alflow.spec import load_spec
 
 ROOT = Path(__file__).parents[1]
@@ -58,13 +58,9 @@ def direct_run(spec) -> dict:
         return {"calls": CountingEMT.calls, "final": r.final, "energy": r.final.get_potential_energy()}
     if spec.kind == "neb":
         r = simulate.neb(spec.images[0], spec.images[1], CountingEMT, simulate.NEBSettings(**settings))
-        energies = [a.get_potential_energy() for a in r.band]
-        return {"calls": CountingEMT.calls, "barrier": max(energies) - energies[0]}
+        return {"calls": CountingEMT.calls, "barrier": barrier([a.get_potential_energy() for a in r.band])}
     return {"calls": int(settings.get("steps", 2000))}  # MD: one oracle call per step
 
-
-def structure_error(a, b) -> float:
-    return float(np.abs(a.positions - b.positions).sum(axis=1).mean())
 
 
 def run_campaign(example: str, seed: int, prior: str, overrides: dict) -> tuple[dict, float]:
