@@ -83,7 +83,8 @@ def run_campaign(example: str, seed: int, prior: str, overrides: dict) -> tuple[
                               capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode not in (0, 3):
-            return {"converged": False, "error": proc.stderr.strip().splitlines()[-1:]}, wall
+            last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]
+            return {"converged": False, "error": f"exit {proc.returncode}: {' '.join(last)}"}, wall
         summary = json.loads((tmp / "results" / "summary.json").read_text())
         if "final_structure" in summary:
             summary["final_atoms"] = read(summary["final_structure"])
@@ -93,6 +94,8 @@ def run_campaign(example: str, seed: int, prior: str, overrides: dict) -> tuple[
 def metrics(kind: str, summary: dict, direct: dict) -> dict:
     out = {"converged": bool(summary.get("converged")), "oracle_calls": summary.get("oracle_calls"),
            "iterations": summary.get("iterations"), "failed_labels": summary.get("failed_labels")}
+    if "error" in summary:  # the campaign did not finish: say why, in the row and the JSON
+        out["error"] = summary["error"]
     if kind == "relax" and "final_atoms" in summary:
         out["energy_error"] = abs(summary["final_energy"] - direct["energy"])
         out["structure_error"] = structure_error(summary["final_atoms"], direct["final"])
