@@ -117,34 +117,11 @@ def mean_std(values: list) -> str:
     return f"{m:.4g} ± {s:.2g}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("case", choices=sorted(EXAMPLES))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--prior", choices=("morse", "none"), default="morse")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a spec key (YAML value), e.g. learner.trust_radius=0.5")
-    ap.add_argument("--tag", help="suffix of the results file (runs with --set)")
-    args = ap.parse_args()
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    example = EXAMPLES[args.case]
-    spec = load_spec(ROOT / "workflows" / f"{example}.yaml")
-    direct = direct_run(spec)
-    runs = []
-    for seed in args.seeds:
-        summary, wall = run_campaign(example, seed, args.prior, overrides)
-        row = {"seed": seed, "wall_s": round(wall, 1), **metrics(spec.kind, summary, direct)}
-        runs.append(row)
-        print(json.dumps(row), flush=True)
+def write_results(out: Path, args, example: str, overrides: dict, direct: dict, runs: list[dict]) -> dict:
+    """The runs so far and their mean ± std, as JSON; returns the table."""
     keys = [k for k in ("oracle_calls", "energy_error", "structure_error", "barrier_error", "barrier_error_oracle",
                         "energy_mae", "force_mae", "wall_s") if any(r.get(k) is not None for r in runs)]
     table = {k: mean_std([r.get(k) for r in runs]) for k in keys}
-    print(f"\n{args.case} (prior {args.prior}{', ' if overrides else ''}{args.set or ''}), {len(runs)} seeds, {sum(r['converged'] for r in runs)} converged; "
-          f"direct oracle run: {direct['calls']} calls")
-    for k, v in table.items():
-        print(f"  {k:<22} {v}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"campaign_{args.case}{'_noprior' if args.prior == 'none' else ''}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps({
         "case": args.case, "example": f"workflows/{example}.yaml", "prior": args.prior, "seeds": args.seeds,
         "overrides": overrides,
@@ -152,6 +129,35 @@ def main() -> None:
         "direct": {k: v for k, v in direct.items() if k in ("energy", "barrier")},
         "converged": sum(r["converged"] for r in runs), "mean_std": table, "runs": runs,
     }, indent=1))
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("case", choices=sorted(EXAMPLES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--prior", choices=("morse", "none"), default="morse")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a spec key (YAML value), e.g. model.force_coefficient=0.3")
+    ap.add_argument("--tag", help="suffix of the results file (runs with --set)")
+    args = ap.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    example = EXAMPLES[args.case]
+    spec = load_spec(ROOT / "workflows" / f"{example}.yaml")
+    direct = direct_run(spec)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"campaign_{args.case}{'_noprior' if args.prior == 'none' else ''}{'_' + args.tag if args.tag else ''}.json"
+    runs = []
+    for seed in args.seeds:  # the JSON is rewritten after every seed: a long run keeps what it measured
+        summary, wall = run_campaign(example, seed, args.prior, overrides)
+        row = {"seed": seed, "wall_s": round(wall, 1), **metrics(spec.kind, summary, direct)}
+        runs.append(row)
+        print(json.dumps(row), flush=True)
+        table = write_results(out, args, example, overrides, direct, runs)
+    print(f"\n{args.case} (prior {args.prior}{', ' if overrides else ''}{args.set or ''}), {len(runs)} seeds, "
+          f"{sum(r['converged'] for r in runs)} converged; direct oracle run: {direct['calls']} calls")
+    for k, v in table.items():
+        print(f"  {k:<22} {v}")
     print(f"wrote {out}")
 
 
