@@ -83,6 +83,16 @@ def split_cached(store, campaign: Mapping, candidates: list[Candidate]) -> tuple
     return to_compute, reused
 
 
+def store_label(store, campaign: Mapping, iteration: int, atoms: Atoms, candidate: Mapping, result: dict) -> dict:
+    """Put an oracle result in the label cache with its provenance (campaign, round, role, frame);
+    returns the label document (another writer's, if it stored the same key first)."""
+    oracle = campaign["spec"]["oracle"]
+    provenance = {"campaign": campaign["name"], "iteration": iteration, "role": candidate["role"],
+                  "frame": candidate["frame"]}
+    doc, _ = store.put_label(atoms, campaign["oracle_hash"], dict(oracle), result, provenance)
+    return doc
+
+
 # ---------------------------------------------------------------------------------------------
 # the steps
 
@@ -203,14 +213,11 @@ def merge(
     ``key``: the Candidate dict of the predicted minimum / saddle (its label, new or cached,
     decides relax / NEB convergence).
     """
-    name, oracle = campaign["name"], campaign["spec"]["oracle"]
+    name = campaign["name"]
     new_ids, records, paid, failed = [], [], 0, 0
     for item in computed:
         cand, result = item["candidate"], item["result"]
-        doc, _ = store.put_label(
-            structure_from_dict(cand["structure"]), campaign["oracle_hash"], dict(oracle), result,
-            {"campaign": name, "iteration": iteration, "role": cand["role"], "frame": cand["frame"]},
-        )
+        doc = store_label(store, campaign, iteration, structure_from_dict(cand["structure"]), cand, result)
         paid += 1  # the oracle ran for it, whether or not another writer stored the key first
         failed += result["status"] != "ok"
         new_ids.append(doc["_id"])

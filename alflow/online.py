@@ -158,10 +158,7 @@ class StoreOracle:
             return doc
         atoms = steps.structure_from_dict(cand.structure) if atoms is None else atoms
         result = compute_label(atoms, c["spec"]["oracle"])
-        doc, _ = self.store.put_label(
-            atoms, c["oracle_hash"], dict(c["spec"]["oracle"]), result,
-            {"campaign": c["name"], "iteration": self.iteration, "role": cand.role, "frame": cand.frame},
-        )
+        doc = steps.store_label(self.store, c, self.iteration, atoms, item["candidate"], result)
         self.stored.append({"label_id": str(doc["_id"]), **item})
         return doc
 
