@@ -119,10 +119,12 @@ def embedded_queries() -> None:
     def _iter_documents(self, filter):
         may = _may_match(filter) if isinstance(filter, dict) else None
         store = self._store
-        if may is None or store.is_empty or store._ttl_indexes:
+        documents = getattr(store, "_documents", None)  # mongomock 4's storage; else its own scan
+        if may is None or documents is None or store.is_empty or getattr(store, "_ttl_indexes", True):
             return plain(self, filter)
-        documents = list(store._documents.values())  # what store.documents yields, without a generator
-        return (d for d in documents if may(d) and collection.filter_applies(filter, d))
+        # what store.documents yields, without its generator and reader lock (the embedded runner
+        # is one thread: see embedded_rockets)
+        return (d for d in list(documents.values()) if may(d) and collection.filter_applies(filter, d))
 
     collection.Collection._iter_documents = _iter_documents
     collection.Collection._alflow_prescreen = True
