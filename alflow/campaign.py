@@ -218,14 +218,14 @@ def merge(
     for item in computed:
         cand, result = item["candidate"], item["result"]
         doc = store_label(store, campaign, iteration, structure_from_dict(cand["structure"]), cand, result)
-        paid += 1  # the oracle ran for it, whether or not another writer stored the key first
+        paid += result["status"] != "rejected"  # the oracle ran, whether or not another writer stored it first
         failed += result["status"] != "ok"
         new_ids.append(doc["_id"])
         records.append((cand, doc))
     for items, paid_here in ((stored, True), (reused, False)):  # labels already in the store
         for item in items:
             doc = store.label_by_id(item["label_id"])
-            paid += paid_here
+            paid += paid_here and doc["status"] != "rejected"
             failed += paid_here and doc["status"] != "ok"
             new_ids.append(doc["_id"])
             records.append((item["candidate"], doc))

@@ -147,6 +147,7 @@ class StoreOracle:
         self.store, self.campaign, self.iteration = store, campaign, iteration
         self.stored: list[dict] = []
         self.reused: list[dict] = []
+        self.rejected = 0  # unphysical structures refused before calling the oracle
 
     def label(self, cand: steps.Candidate, atoms: Atoms | None = None) -> dict:
         """The label document of the candidate's structure (``atoms``, if given): cached or computed now."""
@@ -159,6 +160,7 @@ class StoreOracle:
         atoms = steps.structure_from_dict(cand.structure) if atoms is None else atoms
         result = compute_label(atoms, c["spec"]["oracle"])
         doc = steps.store_label(self.store, c, self.iteration, atoms, item["candidate"], result)
+        self.rejected += result["status"] == "rejected"
         self.stored.append({"label_id": str(doc["_id"]), **item})
         return doc
 
@@ -167,7 +169,7 @@ class StoreOracle:
         return self.store.label_atoms(doc) if doc["status"] == "ok" else None
 
     def paid(self) -> int:
-        return len(self.stored)
+        return len(self.stored) - self.rejected
 
 
 def _ml_prediction(pot: DeltaPotential, atoms: Atoms) -> dict:

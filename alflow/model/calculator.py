@@ -6,7 +6,8 @@ describe the spread. Like every ASE calculator it returns raw forces: ``atoms.ge
 applies the constraints, and fixed atoms are left out of ``uncertainty``.
 
 The neighbour graph (pairs and triplets within cutoff + skin) is kept between calls and rebuilt
-only when an atom has moved more than skin / 2 or the cell, pbc or species change.
+only when an atom has moved more than skin / 2 or the cell, pbc or species change; overlapping
+atoms are refused on every call, as when the graph is built.
 
 Each call allocates and frees a few arrays of ~1 MB. glibc serves those with mmap and returns them
 to the OS on free, so every call paid fresh page faults (about 40 % of the call on the 13-atom
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from alflow.model.descriptors import build_graph
+from alflow.model.descriptors import build_graph, check_overlaps
 from alflow.model.ensemble import ensemble_statistics
 from alflow.constraints import free_mask
 from alflow.model.potential import DeltaPotential
@@ -72,7 +73,12 @@ class DeltaCalculator(Calculator):
             self._graph = build_graph([atoms], self.potential.descriptor, skin=self.skin, names=["structure"])
             self._reference = atoms.positions.copy()
         else:
-            self._graph.positions = torch.from_numpy(np.ascontiguousarray(atoms.positions, dtype=np.float64))
+            g = self._graph
+            g.positions = torch.from_numpy(np.ascontiguousarray(atoms.positions, dtype=np.float64))
+            # atoms may have closed in by up to the skin since the rebuild checked them
+            i, j = g.pair_i.numpy(), g.pair_j.numpy()
+            d = np.linalg.norm(atoms.positions[j] + g.pair_offset.numpy() - atoms.positions[i], axis=1)
+            check_overlaps(atoms, i, j, d, "structure")
         return self._graph
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):

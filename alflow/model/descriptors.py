@@ -20,24 +20,16 @@ from typing import Sequence
 import numpy as np
 import torch
 from ase import Atoms
-from ase.data import covalent_radii
 from matscipy.neighbours import neighbour_list
 
 from alflow.model import kernels
+from alflow.overlaps import OVERLAP_FRACTION, OverlappingAtomsError, check_overlaps  # noqa: F401 (re-exported)
 
 DTYPE = torch.float64
 
 # torch announces its (stable for what we use: CSR @ dense, CSR @ CSR) sparse CSR API on every use
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-
-#: Atoms closer than this fraction of the sum of their covalent radii are "overlapping".
-OVERLAP_FRACTION = 0.5
-
-
-class OverlappingAtomsError(ValueError):
-    """Two atoms sit unphysically close together (fusion, a broken structure)."""
-
 
 @dataclass(frozen=True)
 class SymmetryFunctions:
@@ -152,21 +144,6 @@ def _pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndar
     box = np.diag(np.ptp(atoms.positions, 0) + 2.0 * cutoff)
     i, j, d = neighbour_list("ijd", positions=positions, cell=box, pbc=[False] * 3, cutoff=cutoff)
     return i, j, d, np.zeros((len(i), 3))
-
-
-def check_overlaps(atoms: Atoms, i: np.ndarray, j: np.ndarray, d: np.ndarray, where: str) -> None:
-    """Raise :class:`OverlappingAtomsError` if two atoms are closer than half their covalent radii."""
-    if len(d) == 0:
-        return
-    limit = OVERLAP_FRACTION * (covalent_radii[atoms.numbers[i]] + covalent_radii[atoms.numbers[j]])
-    bad = np.flatnonzero(d < limit)
-    if bad.size:
-        k = bad[np.argmin(d[bad] / limit[bad])]
-        sym = atoms.get_chemical_symbols()
-        raise OverlappingAtomsError(
-            f"{where}: atoms {i[k]} ({sym[i[k]]}) and {j[k]} ({sym[j[k]]}) are {d[k]:.3f} Å apart, "
-            f"closer than {OVERLAP_FRACTION} x their covalent radii ({limit[k]:.3f} Å): overlapping atoms"
-        )
 
 
 def _triplets(pair_i: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:

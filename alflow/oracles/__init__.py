@@ -16,6 +16,8 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.calculators.emt import EMT
 
+from alflow.overlaps import find_overlap
+
 KINDS = ("emt", "python")
 
 
@@ -104,10 +106,16 @@ def compute_label(atoms: Atoms, oracle: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns ``{"status": "ok", "energy", "forces", ["stress"], "seconds"}`` or
     ``{"status": "failed", "failure_class", "reason", "seconds"}``: an exception of the
-    oracle becomes a recorded failure (class ``"exception"``) and the campaign goes on.
+    oracle becomes a recorded failure (class ``"exception"``) and the campaign goes on. A
+    structure with overlapping atoms is ``"rejected"`` (class ``"unphysical"``) without calling
+    the oracle: nothing is paid for it.
     """
     kind, options = oracle_options(oracle)
     start = time.perf_counter()
+    overlap = find_overlap(atoms)
+    if overlap is not None:
+        return {"status": "rejected", "failure_class": "unphysical", "reason": overlap[:2000],
+                "seconds": time.perf_counter() - start}
     try:
         atoms = atoms.copy()
         atoms.calc = calculator_factory(kind, options)()
