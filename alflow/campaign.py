@@ -83,12 +83,20 @@ def split_cached(store, campaign: Mapping, candidates: list[Candidate]) -> tuple
     return to_compute, reused
 
 
+PREDICTION_KEYS = ("energy", "forces", "uncertainty")  # of a candidate's prediction, kept with its label
+
+
 def store_label(store, campaign: Mapping, iteration: int, atoms: Atoms, candidate: Mapping, result: dict) -> dict:
-    """Put an oracle result in the label cache with its provenance (campaign, round, role, frame);
-    returns the label document (another writer's, if it stored the same key first)."""
+    """Put an oracle result in the label cache with its provenance (campaign, round, role, frame and
+    the model's ``prediction``: energy, forces, uncertainty, when the candidate has one); returns
+    the label document (another writer's, if it stored the same key first)."""
     oracle = campaign["spec"]["oracle"]
     provenance = {"campaign": campaign["name"], "iteration": iteration, "role": candidate["role"],
                   "frame": candidate["frame"]}
+    # what the round's model predicted before the label existed: honest test points for reports
+    prediction = {k: v for k, v in (candidate.get("prediction") or {}).items() if k in PREDICTION_KEYS}
+    if prediction:
+        provenance["prediction"] = prediction
     doc, _ = store.put_label(atoms, campaign["oracle_hash"], dict(oracle), result, provenance)
     return doc
 
@@ -135,17 +143,42 @@ def new_potential(campaign: Mapping, iteration: int) -> DeltaPotential:
         ensemble=model["ensemble"],
         seed=model["seed"] + 1000 * iteration,
         morse_params=model.get("morse_params"),
-        training=TrainingSettings(epochs=model["epochs"], force_coefficient=model["force_coefficient"],
-                                  bootstrap=model.get("bootstrap", True)),
+        training=training_settings(model),
     )
 
 
+def training_settings(model: Mapping) -> TrainingSettings:
+    """The spec's ``model`` section as training settings."""
+    return TrainingSettings(epochs=model["epochs"], force_coefficient=model["force_coefficient"],
+                            bootstrap=model.get("bootstrap", True), warm_epochs=model.get("warm_epochs", 100))
+
+
+def warm_start_model(store, campaign: Mapping, n_images: int) -> dict | None:
+    """The model document to continue from (``model.warm_start``): the campaign's latest, unless
+    the training set has doubled since the last full fit (then None: refit from scratch, so the
+    normalisation follows the data)."""
+    if not campaign["spec"]["model"].get("warm_start"):
+        return None
+    docs = store.model_documents(campaign["name"])
+    cold = [d for d in docs if not d.get("metrics", {}).get("warm_start")]
+    if not docs or not cold or n_images >= 2 * cold[-1]["metrics"]["n_structures"]:
+        return None
+    return docs[-1]
+
+
 def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any]:
-    """Fit the ensemble on all labels so far; the model goes to GridFS. Returns (potential, model id)."""
+    """Fit the ensemble on all labels so far (from scratch, or continuing the last round's with
+    ``model.warm_start``); the model goes to GridFS. Returns (potential, model id)."""
     images = training_images(store, campaign)
     if not images:
         raise RuntimeError(f"campaign {campaign['name']}: no successful label to train on")
-    pot = new_potential(campaign, iteration).fit(images)
+    previous = warm_start_model(store, campaign, len(images))
+    if previous is None:
+        pot = new_potential(campaign, iteration).fit(images)
+    else:
+        pot = store.load_model(previous)
+        pot.training = training_settings(campaign["spec"]["model"])
+        pot.fit(images, warm_start=True)
     model_id = store.save_model(pot, campaign["name"], iteration, list(campaign["label_ids"]), pot.report)
     return pot, model_id
 
@@ -165,6 +198,15 @@ def run_simulation(
     if settings.get("seed") is None:  # per-round seeds differ unless fixed
         settings["seed"] = spec["model"]["seed"] + 7919 * iteration
     return simulate.md(start_images[0], calculator_factory(), simulate.MDSettings(**settings))
+
+
+def simulation_metrics(result: simulate.SimulationResult, seconds: float) -> dict:
+    """Iteration metrics of a round's ML simulation: steps, converged, its wall time (s) and the
+    largest ensemble uncertainty (eV/Å) over every recorded frame (NEB: every band of every step)."""
+    values = [np.asarray(f.info.get("uncertainty", np.nan), dtype=float).max() for f in result.frames]
+    finite = [float(u) for u in values if np.isfinite(u)]
+    return {"simulation_steps": result.steps, "simulation_converged": result.converged,
+            "simulation_seconds": seconds, "max_uncertainty": max(finite) if finite else None}
 
 
 def choose(

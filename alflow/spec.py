@@ -8,11 +8,12 @@ anywhere while a spec is validated.
     system: {structure: c_cu100.traj}              # NEB: {initial: a.traj, final: b.traj}
     simulation: {kind: relax, fmax: 0.03}           # relax | neb | md
     oracle: {kind: emt}                             # emt | python (callable: "pkg.mod:function")
-    model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, morse_params
+    model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, warm_start, warm_epochs, morse_params
     learner:
       kind: offline                                 # offline | online (+ threshold: eV/Å)
       query: {strategy: relax_final, samples: 1}
       stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol; md: energy_mae, force_mae
+    report: {direct_oracle_calls: 31}               # optional: oracle calls of the direct run, for `alflow report`
 """
 
 from __future__ import annotations
@@ -169,6 +170,7 @@ class CampaignSpec:
     model: dict
     learner: dict
     results: Path
+    report: dict = field(default_factory=dict)  # direct_oracle_calls: the direct run's count, if known
 
     def to_dict(self) -> dict:
         """JSON-able form (stored with the campaign; structures by path, not by value)."""
@@ -237,6 +239,10 @@ def _model(raw: Any, where: tuple[str, ...]) -> dict:
             "epochs": (_integer(1), 300),
             "force_coefficient": (_number(0.0, strict=False), 0.04),
             "bootstrap": (_boolean, True),
+            # offline rounds continue the previous round's members for warm_epochs (a full refit
+            # whenever the training set has doubled since the last one); online refits always do
+            "warm_start": (_boolean, False),
+            "warm_epochs": (_integer(1), 100),
             "morse_params": (_morse_params, None),
         },
     )
@@ -274,11 +280,16 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
     return learner
 
 
+def _report(raw: Any, where: tuple[str, ...]) -> dict:
+    """What ``alflow report`` compares against: the oracle calls of the direct run (no learning)."""
+    return _fields(raw if raw is not None else {}, where, {"direct_oracle_calls": (_integer(1), None)})
+
+
 def parse_spec(data: Any, path: Path) -> CampaignSpec:
     """Validate an already-parsed spec mapping; ``path`` locates relative files and names errors."""
     where = (path.name,)
     top = {k: (_any, REQUIRED) for k in ("name", "system", "simulation", "oracle", "learner")}
-    top.update(model=(_any, None), results=(_text, None))
+    top.update(model=(_any, None), results=(_text, None), report=(_any, None))
     raw = _fields(data, where, top)
     try:
         name = _name(raw["name"])
@@ -302,6 +313,7 @@ def parse_spec(data: Any, path: Path) -> CampaignSpec:
         model=_model(raw["model"], where + ("model",)),
         learner=_learner(raw["learner"], kind, where + ("learner",)),
         results=(base / (raw["results"] or f"results/{name}")).resolve(),
+        report=_report(raw["report"], where + ("report",)),
     )
 
 
