@@ -7,7 +7,7 @@ anywhere while a spec is validated.
     name: c-cu100-relax
     system: {structure: c_cu100.traj}              # NEB: {initial: a.traj, final: b.traj}
     simulation: {kind: relax, fmax: 0.03}           # relax | neb | md
-    oracle: {kind: emt}                             # emt | python (callable: "pkg.mod:function")
+    oracle: {kind: emt}                             # emt | python (callable: "pkg.mod:function") | espresso | vasp
     model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, warm_start, warm_epochs, morse_params
     learner:
       kind: offline                                 # offline | online (+ threshold: eV/Å)
@@ -149,7 +149,7 @@ SIMULATION_FIELDS: dict[str, dict[str, tuple[Callable, Any]]] = {
     },
 }
 
-ORACLE_KINDS = ("emt", "python")
+ORACLE_KINDS = ("emt", "python", "espresso", "vasp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,10 +201,18 @@ def _system(raw: Any, base: Path, kind: str, where: tuple[str, ...]) -> tuple[di
     return system, images
 
 
-def _oracle(raw: Any, where: tuple[str, ...]) -> dict:
+def _oracle(raw: Any, where: tuple[str, ...], base: Path | None = None) -> dict:
     kind = raw.get("kind") if isinstance(raw, Mapping) else None
     if kind not in ORACLE_KINDS:
         raise SpecError(f"{_at(where + ('kind',))}: unknown oracle {kind!r} (known: {', '.join(ORACLE_KINDS)})")
+    if kind in ("espresso", "vasp"):  # flat keys, validated by the oracle's settings (alflow/oracles/<kind>.py)
+        from alflow.oracles import dft_settings
+        from alflow.oracles.settings import SettingsError
+
+        try:
+            return {"kind": kind, **dft_settings(kind, raw, base).to_dict()}
+        except SettingsError as exc:
+            raise SpecError(f"{_at(where + exc.field)}: {exc.message}") from None
     if kind == "python":
         oracle = _fields(raw, where, {"kind": (_text, REQUIRED), "callable": (_text, REQUIRED), "kwargs": (_mapping, {})})
         if not re.fullmatch(r"[\w.]+:[\w.]+", oracle["callable"]):
@@ -309,7 +317,7 @@ def parse_spec(data: Any, path: Path) -> CampaignSpec:
         images=images,
         system=system,
         simulation=simulation,
-        oracle=_oracle(raw["oracle"], where + ("oracle",)),
+        oracle=_oracle(raw["oracle"], where + ("oracle",), base),
         model=_model(raw["model"], where + ("model",)),
         learner=_learner(raw["learner"], kind, where + ("learner",)),
         results=(base / (raw["results"] or f"results/{name}")).resolve(),

@@ -80,7 +80,9 @@ def test_oracle_factories():
     calc = factory()
     assert isinstance(calc, EMT) and calc.parameters["asap_cutoff"] is True and factory() is not calc
     assert oracles.describe("emt").startswith("EMT (ASE ")
-    with pytest.raises(ValueError, match="unknown oracle kind 'vasp'"):
+    with pytest.raises(ValueError, match="unknown oracle kind 'gaussian'"):
+        oracles.calculator_factory("gaussian")
+    with pytest.raises(ValueError, match="incar: required"):  # a DFT kind names its missing setting
         oracles.calculator_factory("vasp")
     for bad in ["ase.calculators.emt", "no_such_module_xyz:f", "ase.calculators.emt:NoSuch"]:
         with pytest.raises(ValueError, match=bad):
