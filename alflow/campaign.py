@@ -27,6 +27,7 @@ from ase.io import write
 
 from alflow import metrics, query, simulate, stop
 from alflow.model import DeltaPotential, TrainingSettings
+from alflow.oracles import cache_settings
 from alflow.constraints import free_mask
 from alflow.spec import CampaignSpec
 from alflow.store.documents import atoms_from_document, configuration_document
@@ -39,8 +40,9 @@ structure_from_dict = atoms_from_document
 
 
 def oracle_hash(oracle: Mapping[str, Any]) -> str:
-    """Key of the oracle settings in the label cache."""
-    return settings_hash(dict(oracle))
+    """Key of the oracle settings in the label cache: what determines the labels (a DFT code's
+    MPI ranks, launcher or scratch folder do not; see :func:`alflow.oracles.cache_settings`)."""
+    return settings_hash(cache_settings(oracle))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +259,9 @@ def merge(
     """
     name = campaign["name"]
     new_ids, records, paid, failed = [], [], 0, 0
-    for item in computed:
+    # in structure order, not the order parallel workers finished in: the training set (and so
+    # the next model) does not depend on which oracle call returned first
+    for item in sorted(computed, key=lambda item: item["candidate"]["hash"]):
         cand, result = item["candidate"], item["result"]
         doc = store_label(store, campaign, iteration, structure_from_dict(cand["structure"]), cand, result)
         paid += result["status"] != "rejected"  # the oracle ran, whether or not another writer stored it first
@@ -289,6 +293,12 @@ def merge(
                                oracle_calls=counters["oracle_calls"], **checks)
         criteria = stop.StopCriteria.from_dict(campaign["spec"]["learner"]["stop"], campaign["kind"])
         decision = stop.evaluate(criteria, state)
+    broken = sum(doc["status"] == "failed" for _, doc in records)  # the oracle's failures, not rejections
+    limit = campaign["spec"]["learner"].get("max_failures_per_iteration")
+    if limit is not None and broken > limit and not decision.converged:
+        decision = stop.StopDecision(True, False, f"stopped: {broken} oracle calls failed in round {iteration}, "
+                                     f"more than learner.max_failures_per_iteration = {limit} (see the failed "
+                                     "labels' failure_class and reason)")
     store.record_iteration(
         name, iteration,
         {**errors, **{k: v for k, v in checks.items() if k != "validation"}, "oracle_calls": paid,

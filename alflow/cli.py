@@ -1,7 +1,7 @@
 """Command-line interface: ``alflow <command> ...``.
 
-Commands: ``run`` (a campaign to completion on the embedded store), ``status`` (campaigns in a
-store, read-only), ``fit-morse`` (element Morse parameters from an oracle's dimers), ``demo`` (fit
+Commands: ``run`` (a campaign to completion on the embedded store), ``resume`` (after a crash), ``submit`` (to a MongoDB server), ``status`` (campaigns in a
+store, read-only, ``--watch`` to follow), ``report`` (a campaign's figures and HTML page), ``fit-morse`` (element Morse parameters from an oracle's dimers), ``demo`` (fit
 the Δ-ML ensemble to EMT-labelled C/Cu(100) structures and report its accuracy and cost).
 Errors print one line ``alflow: error: ...`` on stderr; exit code 2 for usage errors, 1 for runtime ones.
 """
@@ -98,6 +98,16 @@ def cmd_fit_morse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_summary(summary_path: Path) -> bool:
+    """The campaign's one-line outcome and where its results are; whether it converged."""
+    summary = json.loads(summary_path.read_text())
+    state = "converged" if summary["converged"] else "not converged"
+    print(f"{summary['campaign']}: {state} after {summary['iterations']} rounds, {summary['oracle_calls']} oracle "
+          f"calls ({summary['reused_labels']} reused, {summary['failed_labels']} failed): {summary['reason']}")
+    print(f"results: {summary_path}")
+    return bool(summary["converged"])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``alflow run SPEC``: validate the spec (store untouched on error), run, print the results path."""
     from alflow.spec import load_spec
@@ -105,29 +115,90 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     from alflow import runner  # imports FireWorks only after the store is chosen
 
-    summary_path = runner.run(spec, args.store)
-    summary = json.loads(summary_path.read_text())
-    state = "converged" if summary["converged"] else "not converged"
-    print(f"{spec.name}: {state} after {summary['iterations']} rounds, {summary['oracle_calls']} oracle calls "
-          f"({summary['reused_labels']} reused, {summary['failed_labels']} failed): {summary['reason']}")
-    print(f"results: {summary_path}")
-    return 0 if summary["converged"] else 3
+    path = runner.run(spec, args.store, workers=args.workers, launchpad=args.launchpad)
+    return 0 if _print_summary(path) else 3
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """``alflow submit SPEC -l LAUNCHPAD``: add the campaign to a MongoDB server's LaunchPad."""
+    from alflow.spec import load_spec
+
+    spec = load_spec(args.spec)
+    from alflow.fw.launchpad import launchpad_from_file
+    from alflow.runner import submit
+
+    launchpad = launchpad_from_file(args.launchpad)
+    submit(spec, launchpad)
+    print(f"{spec.name}: submitted to database '{launchpad.name}'. Run it with (fw_configs/):\n"
+          f"  rlaunch -l LAUNCHPAD -w my_fworker_ml.yaml rapidfire      # train, ML simulation, query, merge\n"
+          f"  qlaunch -l LAUNCHPAD -w my_fworker_dft.yaml -q my_qadapter_slurm.yaml rapidfire   # oracle calls\n"
+          f"Follow it with: alflow status -l {args.launchpad} --watch")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``alflow resume``: finish the store's interrupted campaigns (nothing paid is paid again)."""
+    from alflow import runner
+
+    converged = [_print_summary(path) for path in runner.resume(args.store, workers=args.workers)]
+    return 0 if all(converged) else 3
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _database(args: argparse.Namespace):
+    """The database of ``--store DIR`` or ``-l LAUNCHPAD``, opened read-only."""
+    from alflow.store.readonly import open_readonly
+
+    return open_readonly(args.store, args.launchpad)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """``alflow status``: one line per campaign, read from the store snapshot without writing it."""
-    from bson import json_util
+    """``alflow status``: one line per campaign, read without writing; ``--watch``: redrawn until Ctrl-C."""
+    import time
 
-    path = args.store / "store.json"
-    if not path.is_file():
-        raise OSError(f"{path}: no alflow store here")
-    data = json_util.loads(path.read_text() or "{}")
-    campaigns = [doc for _, doc in data.get("alflow", {}).get("campaigns", {}).get("documents", [])]
-    print(f"{'campaign':<28}{'kind':<7}{'status':<11}{'round':>6}{'paid':>7}{'reused':>8}{'failed':>8}")
-    for c in campaigns:
-        n = c.get("counters", {})
-        print(f"{c['name']:<28}{c.get('kind', '?'):<7}{c.get('status', '?'):<11}{c.get('iteration', 0):>6}"
-              f"{n.get('oracle_calls', 0):>7}{n.get('reused_labels', 0):>8}{n.get('failed_labels', 0):>8}")
+    from alflow.status import format_table, iteration_table, status_rows
+
+    if args.watch is not None and args.watch <= 0:
+        raise UsageError(f"--watch: seconds must be > 0, got {args.watch:g}")
+    clear = args.watch is not None and sys.stdout.isatty()
+    try:
+        while True:
+            db = _database(args)
+            table = iteration_table(db, args.campaign) if args.campaign else format_table(status_rows(db))
+            if clear:
+                print("\033[H\033[2J", end="")
+            if args.watch is not None:
+                print(time.strftime("%Y-%m-%d %H:%M:%S"), f"(every {args.watch:g} s, Ctrl-C to stop)")
+            print(table, flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+            if not clear:
+                print()
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``alflow report [CAMPAIGN]``: figures + report.html per campaign (every campaign when none is named)."""
+    from alflow.report import write_report
+    from alflow.store import Store
+
+    store = Store(_database(args), create_indexes=False)
+    names = [args.campaign] if args.campaign else [d["name"] for d in store.campaigns.find({}, {"name": 1}).sort("created_on", 1)]
+    if not names:
+        raise ValueError("no campaign in this store")
+    for name in names:
+        print(f"report: {write_report(store, name, args.output / name).resolve()}")
     return 0
 
 
@@ -139,18 +210,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _source_options(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--store", type=Path, default=Path("alflow-store"), metavar="DIR", help="embedded store directory")
+    source.add_argument("-l", "--launchpad", type=Path, metavar="LAUNCHPAD", help="FireWorks LaunchPad file (MongoDB server)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alflow", description="Active-learning Δ-ML interatomic potentials.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a campaign to completion on the embedded store")
     run.add_argument("spec", type=Path, metavar="SPEC", help="campaign spec (YAML)")
+    workers_help = "worker processes for the oracle calls (0: in this process)"
     run.add_argument("--store", type=Path, default=Path("alflow-store"), metavar="DIR", help="embedded store directory")
+    run.add_argument("--workers", type=_workers, default=0, metavar="N", help=workers_help)
+    run.add_argument("-l", "--launchpad", type=Path, metavar="LAUNCHPAD",
+                     help="drive this MongoDB server's LaunchPad instead of the embedded store")
     run.set_defaults(func=cmd_run)
 
-    status = commands.add_parser("status", help="campaigns in a store (read-only)")
-    status.add_argument("--store", type=Path, default=Path("alflow-store"), metavar="DIR", help="embedded store directory")
+    submit = commands.add_parser("submit", help="add a campaign to a MongoDB server (run by rlaunch / qlaunch)")
+    submit.add_argument("spec", type=Path, metavar="SPEC", help="campaign spec (YAML)")
+    submit.add_argument("-l", "--launchpad", type=Path, required=True, metavar="LAUNCHPAD",
+                        help="FireWorks launchpad file (${VARIABLE}s from the environment)")
+    submit.set_defaults(func=cmd_submit)
+
+    resume = commands.add_parser("resume", help="finish a store's campaigns after a crash or kill")
+    resume.add_argument("--store", type=Path, default=Path("alflow-store"), metavar="DIR", help="embedded store directory")
+    resume.add_argument("--workers", type=_workers, default=0, metavar="N", help=workers_help)
+    resume.set_defaults(func=cmd_resume)
+
+    status = commands.add_parser("status", help="campaigns in a store: a live table (read-only)")
+    status.add_argument("campaign", nargs="?", metavar="CAMPAIGN",
+                        help="one row per iteration of this campaign: calls paid, reused, failed by class")
+    _source_options(status)
+    status.add_argument("--watch", type=float, nargs="?", const=5.0, metavar="SECONDS",
+                        help="redraw every SECONDS (default 5) until Ctrl-C")
     status.set_defaults(func=cmd_status)
+
+    report = commands.add_parser("report", help="figures and a self-contained HTML page of a campaign (read-only)")
+    report.add_argument("campaign", nargs="?", metavar="CAMPAIGN", help="campaign name (default: every campaign)")
+    _source_options(report)
+    report.add_argument("--output", type=Path, default=Path("alflow-report"), metavar="DIR",
+                        help="reports go to DIR/CAMPAIGN/ (default alflow-report)")
+    report.set_defaults(func=cmd_report)
 
     fit = commands.add_parser("fit-morse", help="fit element Morse parameters to an oracle's dimers")
     fit.add_argument("elements", nargs="+", type=_element, metavar="ELEMENT", help="chemical symbols")

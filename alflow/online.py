@@ -13,6 +13,7 @@ calls the oracle at every step (measured; calibrating the uncertainty is open wo
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -155,12 +156,20 @@ class StoreOracle:
         item = {"candidate": cand.to_dict()}
         doc = self.store.label(cand.hash, c["oracle_hash"])
         if doc is not None:
-            self.reused.append({"label_id": str(doc["_id"]), **item})
+            # paid by this very round before a crash and a rerun (stored, not merged yet): still this
+            # round's call, not a reuse from the cache
+            own = (doc.get("campaign"), doc.get("iteration")) == (c["name"], self.iteration) \
+                and doc["_id"] not in c["label_ids"]
+            if own and str(doc["_id"]) in {x["label_id"] for x in self.stored}:
+                return doc  # asked again this round (e.g. the key check of a structure labelled inline)
+            (self.stored if own else self.reused).append({"label_id": str(doc["_id"]), **item})
+            self.rejected += own and doc["status"] == "rejected"
             return doc
         atoms = steps.structure_from_dict(cand.structure) if atoms is None else atoms
         result = compute_label(atoms, c["spec"]["oracle"])
         doc = steps.store_label(self.store, c, self.iteration, atoms, item["candidate"], result)
         self.rejected += result["status"] == "rejected"
+        self.store.checkpoint()  # paid: on disk before the simulation goes on
         self.stored.append({"label_id": str(doc["_id"]), **item})
         return doc
 
@@ -197,9 +206,12 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
         oracle = StoreOracle(store, campaign, iteration)
         budget = criteria.remaining_oracle_calls(campaign["counters"]["oracle_calls"])
         learner = OnlineLearner(pot, training, oracle, spec["learner"]["threshold"], max_oracle_calls=budget)
+        start = time.perf_counter()
         result = steps.run_simulation(learner.fork, campaign, iteration, starts)
         frames = result.band if kind == "neb" else result.frames
         trajectory = store.save_trajectory(frames, name, iteration, kind)
+        store.record_iteration(name, iteration, steps.simulation_metrics(result, time.perf_counter() - start),
+                               trajectory=trajectory)
         key = None
         if kind in ("relax", "neb") and not result.stopped:
             key_cand = steps.Candidate.of(result.final, "final")

@@ -1,133 +1,64 @@
-"""Embedded runner: a campaign on FireWorks' mongomock store, driven by one owner process.
+"""Embedded runner: campaigns on the embedded store, driven by the one process that owns it.
 
-FireWorks reads ``MONGOMOCK_SERVERSTORE_FILE`` when it is first imported, so :func:`use_store`
-must run before anything imports ``fireworks`` (the CLI calls it first). The runner launches the
-campaign's fireworks one after another in the process that owns the store, each in its own
-launch directory, and snapshots the store after every firework: serialised, written to a
-temporary file, fsynced and renamed, so a crash never leaves a truncated store.
+``alflow run`` / ``alflow resume`` hold an exclusive lock on the store directory (a second alflow
+process is refused at once). The ML fireworks (seed, train + explore, merge, online) run in this
+process, each in its own launch directory. With ``workers`` > 0 the oracle (``dft``) fireworks go
+to that many worker subprocesses in FireWorks' offline mode: reserve the firework, write its
+``FW.json`` into a launch directory, snapshot, start ``python -m alflow.fw.worker`` there (it never
+opens the store), and when it exits ``recover_offline`` its FWAction. With ``workers`` = 0 they
+run in this process too. The store is snapshotted after every state change (at most once per
+polling cycle), atomically.
+
+Resume after a crash or kill -9 (of the runner and/or workers): a worker still running is adopted
+(its pid in the launch directory), a finished one is recovered from its ``FW_offline.json`` (the
+oracle is not paid again), one that died without a result is rerun, and a firework this process
+was running when it died is rerun.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from bson import ObjectId
+from alflow.store.embedded import (  # noqa: F401 (STORE_FILE, snapshot, use_store: this module's API too)
+    STORE_FILE,
+    embedded_queries,
+    no_write_at_exit,
+    snapshot,
+    use_store,
+)
 
-STORE_FILE = "store.json"
+LOCK_FILE = "lock"
+POLL_SECONDS = 0.2
 
 
-def use_store(store_dir: str | Path) -> Path:
-    """Point FireWorks' mongomock mode at ``store_dir`` (created if needed); call before importing fireworks."""
-    store_dir = Path(store_dir).resolve()
+@contextlib.contextmanager
+def store_lock(store_dir: Path) -> Iterator[None]:
+    """Hold the store directory's exclusive lock (released by the OS if this process dies)."""
     store_dir.mkdir(parents=True, exist_ok=True)
-    path = store_dir / STORE_FILE
-    if not path.exists():
-        path.write_text("{}")
-    if "fireworks" in sys.modules and os.environ.get("MONGOMOCK_SERVERSTORE_FILE") != str(path):
-        raise RuntimeError("the embedded store must be selected before FireWorks is imported")
-    os.environ["MONGOMOCK_SERVERSTORE_FILE"] = str(path)
-    return path
-
-
-def snapshot(launchpad, path: Path) -> None:
-    """Write the whole mongomock store atomically (temp file, fsync, rename, fsync the directory)."""
-    from bson import json_util
-
-    # what mongomock's own persistence writes (json_util's format), with the C JSON encoder doing
-    # the walk: json_util.dumps converts the whole tree in Python first, ~5x slower (measured)
-    text = json.dumps(launchpad.connection._store.to_dict(), default=json_util.default)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".store-", suffix=".tmp")
+    fd = os.open(store_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RuntimeError(f"{store_dir}: the store is in use by another alflow process (pid {owner}); "
+                               "wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
     finally:
-        os.close(dir_fd)
-
-
-_SCALARS = (str, int, float, ObjectId)
-_MISSING = object()
-
-
-def _scalar(v) -> bool:
-    return type(v) in _SCALARS and v == v  # not bool (Python has True == 1), not NaN (NaN != NaN)
-
-
-def _may_match(filter_: dict):
-    """A cheap necessary condition for ``filter_``: its top-level ``{key: scalar}``,
-    ``{key: {"$eq": scalar}}`` and ``{key: {"$in": [scalars]}}`` conditions, or None if it has none.
-
-    A document is rejected only when the field is missing or holds a scalar outside the allowed
-    values; a list or sub-document (where MongoDB equality means "contains" or a deeper match) is
-    left to the full filter. Python ``==`` on str/int/float/ObjectId agrees with MongoDB's equality.
-    """
-    allowed = []
-    for key, cond in filter_.items():
-        if key.startswith("$") or "." in key:
-            continue
-        if isinstance(cond, dict) and len(cond) == 1:
-            (op, value), = cond.items()
-            values = [value] if op == "$eq" else value if op == "$in" and isinstance(value, list) else None
-        else:
-            values = [cond]
-        if values is not None and all(_scalar(v) for v in values):
-            allowed.append((key, values))
-    if not allowed:
-        return None
-
-    def may(document) -> bool:
-        for key, values in allowed:
-            have = document.get(key, _MISSING)
-            if have is _MISSING or (type(have) in _SCALARS and have not in values):
-                return False
-        return True
-
-    return may
-
-
-def embedded_queries() -> None:
-    """Speed up mongomock's scans for the queries FireWorks makes by id and state.
-
-    mongomock answers every query by running its full filter on every document; at 1,000 fireworks
-    that is most of an AL round's bookkeeping (measured with cProfile: its ``filter_applies`` under
-    FireWorks' ``checkout_fw``, ``_refresh_wf``, ``complete_launch``). The documents that a query's
-    top-level equalities (``{"fw_id": 12}``, ``{"state": "READY", …}``, ``{"launch_id": {"$in":
-    […]}}``) rule out are skipped before the full filter, which still decides every match, so the
-    answers are unchanged (tested against the plain scan). A MongoDB server uses its indexes instead.
-    """
-    from mongomock import collection
-
-    if getattr(collection.Collection, "_alflow_prescreen", False):
-        return
-    plain = collection.Collection._iter_documents
-
-    def _iter_documents(self, filter):
-        may = _may_match(filter) if isinstance(filter, dict) else None
-        store = self._store
-        documents = getattr(store, "_documents", None)  # mongomock 4's storage; else its own scan
-        if may is None or documents is None or store.is_empty or getattr(store, "_ttl_indexes", True):
-            return plain(self, filter)
-        # what store.documents yields, without its generator and reader lock (the embedded runner
-        # is one thread: see embedded_rockets)
-        return (d for d in list(documents.values()) if may(d) and collection.filter_applies(filter, d))
-
-    collection.Collection._iter_documents = _iter_documents
-    collection.Collection._alflow_prescreen = True
+        os.close(fd)
 
 
 def embedded_rockets(rocket_module) -> None:
@@ -137,53 +68,250 @@ def embedded_rockets(rocket_module) -> None:
     rocket_module.start_ping_launch = lambda launchpad, launch_id: None
 
 
-def run(spec, store_dir: str | Path, progress: Callable[[str], None] = print) -> Path:
-    """Run the campaign of ``spec`` to completion on the embedded store; returns summary.json's path."""
-    path = use_store(store_dir)
-    import fireworks.core.rocket
-    from fireworks import FWorker, LaunchPad
-    from fireworks.core.rocket_launcher import launch_rocket
+@dataclass
+class Worker:
+    """A worker process running one offline firework in ``launch_dir``."""
 
-    # FireWorks' FW_config setting, read by each Rocket: errors only; progress is ours (below)
-    fireworks.core.rocket.ROCKET_STREAM_LOGLEVEL = "ERROR"
-    embedded_rockets(fireworks.core.rocket)
-    embedded_queries()
+    launch_id: int
+    fw_id: int
+    launch_dir: Path
+    pid: int
+    process: subprocess.Popen | None = None  # None: adopted from an earlier runner
 
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return _worker_running(self.pid, self.launch_dir)
+
+
+def _worker_running(pid: int, launch_dir: Path) -> bool:
+    """Whether ``pid`` is a live alflow worker in ``launch_dir`` (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return "alflow.fw.worker" in cmdline and Path(cwd) == launch_dir and state != "Z"
+
+
+def _offline_result(launch_dir: Path) -> dict:
+    """``FW_offline.json`` of a launch ({} when missing or cut short by a kill)."""
+    try:
+        return json.loads((launch_dir / "FW_offline.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+class EmbeddedRunner:
+    """Runs every READY firework of the embedded store until none is left (see the module doc)."""
+
+    def __init__(self, launchpad, store_path: Path | None, workers: int = 0, progress: Callable[[str], None] = print,
+                 launches: Path | None = None, campaign: str | None = None):
+        """``store_path``: the embedded store's file (None: a MongoDB server, nothing to snapshot);
+        ``launches``: where launch directories go (default: next to the store file);
+        ``campaign``: run only this campaign's fireworks (a server's database is shared)."""
+        from fireworks import FWorker
+
+        if workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {workers}")
+        self.lp, self.path, self.workers, self.progress = launchpad, store_path, workers, progress
+        self.launches = launches or store_path.parent / "launches"
+        self.launches.mkdir(parents=True, exist_ok=True)
+        launchpad.alflow_checkpoint = self.save  # the online learner's labels, stored mid-firework
+        # in-process fireworks: ML ones only when workers take the oracle calls
+        query = {"name": {"$regex": f"^{re.escape(campaign)}: "}} if campaign else None
+        self.local = FWorker(name="alflow-embedded", category="ml" if workers else "", query=query)
+        self.remote = FWorker(name="alflow-worker", category="dft", query=query)
+        self.active: dict[int, Worker] = {}
+        self._worker_env = {k: v for k, v in os.environ.items() if k != "MONGOMOCK_SERVERSTORE_FILE"}
+
+    # ---------------------------------------------------------------------------- the loop
+    def run(self) -> None:
+        """Until nothing is ready, reserved, running or in a worker."""
+        try:
+            while True:
+                changed = self.reap() | self.dispatch()
+                if changed:
+                    self.save()
+                if self.run_local():
+                    continue
+                if self.active:
+                    time.sleep(POLL_SECONDS)
+                    continue
+                if not changed:
+                    return
+        finally:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            snapshot(self.lp, self.path)
+
+    def _new_launch_dir(self) -> Path:
+        return Path(tempfile.mkdtemp(dir=self.launches, prefix="launch_"))
+
+    def run_local(self) -> bool:
+        """Run one READY in-process firework; False if there was none."""
+        from fireworks.core.rocket_launcher import launch_rocket
+
+        launch_dir, here = self._new_launch_dir(), os.getcwd()
+        os.chdir(launch_dir)
+        try:
+            ran = launch_rocket(self.lp, self.local, strm_lvl="ERROR")
+        finally:
+            os.chdir(here)
+        if not ran:
+            with contextlib.suppress(OSError):  # nothing ran there: drop the empty folder
+                launch_dir.rmdir()
+            return False
+        self.save()
+        self.progress(_progress_line(self.lp, launch_dir))
+        return True
+
+    # ---------------------------------------------------------------------------- workers
+    def dispatch(self) -> bool:
+        """Reserve READY oracle fireworks for free worker slots and start their workers."""
+        from fireworks.core.firework import Firework  # noqa: F401 (FW.json below)
+
+        started = False
+        while len(self.active) < self.workers:
+            launch_dir = self._new_launch_dir()
+            fw, launch_id = self.lp.reserve_fw(self.remote, str(launch_dir))
+            if fw is None:
+                launch_dir.rmdir()
+                break
+            fw.to_file(str(launch_dir / "FW.json"))  # what `qlaunch --reserve` writes (setup_offline_job)
+            (launch_dir / "FW_offline.json").write_text(json.dumps({"launch_id": launch_id}))
+            self.lp.add_offline_run(launch_id, fw.fw_id, fw.name)
+            self.save()  # the reservation is on disk before the oracle can be paid
+            log = open(launch_dir / "worker.log", "wb")
+            process = subprocess.Popen([sys.executable, "-m", "alflow.fw.worker"], cwd=launch_dir,
+                                       env=self._worker_env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # a Ctrl-C of the runner leaves it running
+            log.close()
+            self.active[launch_id] = Worker(launch_id, fw.fw_id, launch_dir, process.pid, process)
+            started = True
+        return started
+
+    def reap(self) -> bool:
+        """Recover the workers that have exited; True if any had."""
+        done = [w for w in self.active.values() if not w.alive()]
+        for w in done:
+            del self.active[w.launch_id]
+            self.recover(w.launch_id, w.fw_id, w.launch_dir)
+            self.progress(_progress_line(self.lp, w.launch_dir))
+        return bool(done)
+
+    def recover(self, launch_id: int, fw_id: int, launch_dir: Path) -> None:
+        """A finished worker's FWAction into the store, or a rerun if it left none (lost worker:
+        an infrastructure failure, not the structure's, so nothing is recorded against it)."""
+        if "fwaction" in _offline_result(launch_dir):
+            if self.lp.recover_offline(launch_id, ignore_errors=True) is None:
+                return
+        self.lp.forget_offline(launch_id)
+        self.lp.rerun_fw(fw_id)
+
+    def adopt(self) -> None:
+        """After a crash: take over the runs an earlier runner left, from the store and launch dirs."""
+        offline = {r["launch_id"]: r for r in self.lp.offline_runs.find({"completed": False, "deprecated": {"$ne": True}})}
+        for launch_id, run in offline.items():
+            launch = self.lp.launches.find_one({"launch_id": launch_id}, {"launch_dir": 1})
+            launch_dir = Path(launch["launch_dir"]) if launch else None
+            pid_file = launch_dir / "worker.pid" if launch_dir else None
+            pid = int(pid_file.read_text()) if pid_file and pid_file.is_file() else None
+            if pid is not None and _worker_running(pid, launch_dir):
+                self.active[launch_id] = Worker(launch_id, run["fw_id"], launch_dir, pid)
+            elif launch_dir is not None:
+                self.recover(launch_id, run["fw_id"], launch_dir)
+            else:
+                self.lp.forget_offline(launch_id)
+                self.lp.rerun_fw(run["fw_id"])
+        # fireworks this process's predecessor was running itself (no offline run): run them again
+        mine = {r["fw_id"] for r in offline.values()}
+        for fw in self.lp.fireworks.find({"state": {"$in": ["RESERVED", "RUNNING"]}}, {"fw_id": 1}):
+            if fw["fw_id"] not in mine:
+                self.lp.rerun_fw(fw["fw_id"])
+        self.save()
+
+
+# ---------------------------------------------------------------------------------------------
+# run and resume
+
+
+@contextlib.contextmanager
+def owned_store(store_dir: str | Path) -> Iterator[tuple[object, Path]]:
+    """Lock the store directory, select it for FireWorks, and yield (LaunchPad, store file)."""
+    store_dir = Path(store_dir).resolve()
+    with store_lock(store_dir):
+        path = use_store(store_dir)
+        import fireworks.core.rocket
+        from fireworks import LaunchPad
+
+        # FireWorks' FW_config setting, read by each Rocket: errors only; progress is ours
+        fireworks.core.rocket.ROCKET_STREAM_LOGLEVEL = "ERROR"
+        embedded_rockets(fireworks.core.rocket)
+        embedded_queries()
+        launchpad = LaunchPad(name="alflow", strm_lvl="ERROR")
+        no_write_at_exit(launchpad)
+        if launchpad.fw_id_assigner.count_documents({}) == 0:  # a new store: initialise FireWorks' counters
+            launchpad.reset("", require_password=False, max_reset_wo_password=0)
+        yield launchpad, path
+
+
+def run(spec, store_dir: str | Path | None, progress: Callable[[str], None] = print, workers: int = 0,
+        launchpad: str | Path | None = None) -> Path:
+    """Run the campaign of ``spec`` to completion; returns summary.json's path. On the embedded
+    store in ``store_dir``, or with ``launchpad`` (a launchpad file) on a MongoDB server, this
+    process standing in for rlaunch (launch directories under ``launches/`` here)."""
+    if launchpad is not None:
+        from alflow.fw.launchpad import launchpad_from_file
+
+        lp = launchpad_from_file(launchpad)
+        submit(spec, lp)
+        EmbeddedRunner(lp, None, workers, progress, launches=Path("launches").resolve(), campaign=spec.name).run()
+        return _summary_path(lp, spec.name)
+    with owned_store(store_dir) as (lp, path):
+        submit(spec, lp)
+        EmbeddedRunner(lp, path, workers, progress).run()
+        return _summary_path(lp, spec.name)
+
+
+def submit(spec, launchpad) -> None:
+    """Register the campaign in the LaunchPad's database and add its first workflow."""
     from alflow.campaign import start
     from alflow.fw.workflow import campaign_workflow
     from alflow.store import Store
 
-    launchpad = LaunchPad(name="alflow", strm_lvl="ERROR")
-    if launchpad.fw_id_assigner.count_documents({}) == 0:  # a new store: initialise FireWorks' counters
-        launchpad.reset("", require_password=False, max_reset_wo_password=0)
     store = Store(launchpad.db)
     if store.campaign(spec.name) is not None:
-        raise ValueError(f"campaign '{spec.name}' already exists in {path.parent} (use another name or store)")
+        raise ValueError(f"campaign '{spec.name}' already exists in this store (use another name or store; "
+                         "`alflow resume` finishes an interrupted one)")
     start(store, spec)
     launchpad.add_wf(campaign_workflow(spec.name))
-    snapshot(launchpad, path)
-    launches = path.parent / "launches"
-    launches.mkdir(exist_ok=True)
-    worker = FWorker(name="alflow-embedded")
-    here = os.getcwd()
-    try:
-        while True:  # until no firework is ready (launch_rocket's answer spares a run_exists query)
-            launch_dir = tempfile.mkdtemp(dir=launches, prefix="launch_")
-            os.chdir(launch_dir)
-            ran = launch_rocket(launchpad, worker, strm_lvl="ERROR")
-            os.chdir(here)
-            if not ran:
-                with contextlib.suppress(OSError):  # nothing ran there: drop the empty folder
-                    Path(launch_dir).rmdir()
-                break
-            snapshot(launchpad, path)
-            progress(_progress_line(launchpad, store, spec.name, launch_dir))
-    finally:
-        os.chdir(here)
-        snapshot(launchpad, path)
-    campaign = store.campaign(spec.name)
+
+
+def resume(store_dir: str | Path, progress: Callable[[str], None] = print, workers: int = 0) -> list[Path]:
+    """Finish every unfinished campaign of the store after a crash or kill; their summary.json paths."""
+    store_dir = Path(store_dir)
+    if not (store_dir / STORE_FILE).is_file():
+        raise OSError(f"{store_dir / STORE_FILE}: no alflow store here")
+    with owned_store(store_dir) as (launchpad, path):
+        from alflow.store import Store
+
+        names = [c["name"] for c in Store(launchpad.db).campaigns.find({}, {"name": 1})]
+        runner = EmbeddedRunner(launchpad, path, workers, progress)
+        runner.adopt()
+        runner.run()
+        return [_summary_path(launchpad, name) for name in names]
+
+
+def _summary_path(launchpad, name: str) -> Path:
+    from alflow.store import Store
+
+    campaign = Store(launchpad.db).campaign(name)
     if campaign.get("summary") is None:
-        raise RuntimeError(f"campaign '{spec.name}' stopped without a result: {_failure(launchpad, spec.name)}")
+        raise RuntimeError(f"campaign '{name}' stopped without a result: {_failure(launchpad, name)}")
     return Path(campaign["spec"]["results"]) / "summary.json"
 
 
@@ -200,14 +328,19 @@ def _failure(launchpad, name: str) -> str:
     return f"firework '{fw['name']}' failed: {last}"
 
 
-def _progress_line(launchpad, store, name: str, launch_dir: str) -> str:
-    """The firework that just ran in ``launch_dir`` and the campaign's counters (queries by key only)."""
-    launch = launchpad.launches.find_one({"launch_dir": launch_dir}, {"fw_id": 1})
+def _progress_line(launchpad, launch_dir: Path) -> str:
+    """The firework that just ran in ``launch_dir`` and its campaign's counters (queries by key only)."""
+    from alflow.store import Store
+
+    launch = launchpad.launches.find_one({"launch_dir": str(launch_dir)}, {"fw_id": 1})
     last = launchpad.fireworks.find_one({"fw_id": launch["fw_id"]}, {"name": 1, "state": 1}) if launch else None
-    c = store.campaign(name)
-    counters = c["counters"]
-    what = f"{last['name']} {last['state'].lower()}" if last else "started"
+    if last is None:
+        return "started"
+    name = last["name"].split(": ", 1)[0]
+    c = Store(launchpad.db).campaign(name) or {}
+    counters = c.get("counters", {})
+    what = f"{last['name']} {last['state'].lower()}"
     return (
-        f"{what:<40} oracle calls {counters['oracle_calls']:>4}  reused {counters['reused_labels']:>3}"
-        f"  failed {counters['failed_labels']:>3}"
+        f"{what:<40} oracle calls {counters.get('oracle_calls', 0):>4}  reused {counters.get('reused_labels', 0):>3}"
+        f"  failed {counters.get('failed_labels', 0):>3}"
     )

@@ -29,3 +29,49 @@ def flaky_emt(counter: str, period: int = 2) -> EMT:
 def counting_emt(counter: str) -> EMT:
     """EMT that appends one line per calculation to ``counter`` (to prove no call is repaid)."""
     return FlakyEMT(counter, period=10**9)
+
+
+class LoggingEMT(EMT):
+    """EMT that appends ``start end structure-hash`` to ``log`` for every calculation, after
+    sleeping ``seconds`` (a stand-in for a DFT call: the log proves overlap and no call repaid)."""
+
+    def __init__(self, log: str, seconds: float = 0.0):
+        super().__init__()
+        self.log, self.seconds = Path(log), seconds
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        import time
+
+        from alflow.store.hashing import structure_hash
+
+        start = time.time()
+        time.sleep(self.seconds)
+        super().calculate(atoms, properties, system_changes)
+        with open(self.log, "a") as fh:  # one short append: atomic across processes
+            fh.write(f"{start:.3f} {time.time():.3f} {structure_hash(self.atoms)}\n")
+
+
+def logging_emt(log: str, seconds: float = 0.0) -> EMT:
+    return LoggingEMT(log, seconds)
+
+
+class FlakyLoggingEMT(LoggingEMT):
+    """LoggingEMT that raises on every ``period``-th calculation (counted across processes by
+    one-byte appends to ``log + '.count'``); failed calls are not in the log."""
+
+    def __init__(self, log: str, seconds: float = 0.0, period: int = 4):
+        super().__init__(log, seconds)
+        self.period = period
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        counter = Path(str(self.log) + ".count")
+        with open(counter, "ab") as fh:
+            fh.write(b".")
+        n = counter.stat().st_size
+        if n % self.period == 0:
+            raise RuntimeError(f"simulated SCF failure on call {n}")
+        super().calculate(atoms, properties, system_changes)
+
+
+def flaky_logging_emt(log: str, seconds: float = 0.0, period: int = 4) -> EMT:
+    return FlakyLoggingEMT(log, seconds, period)

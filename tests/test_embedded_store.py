@@ -9,7 +9,7 @@ import mongomock.gridfs
 import pytest
 from bson import ObjectId
 
-from alflow import runner
+from alflow.store import embedded
 
 OID = ObjectId()
 DOCS = [
@@ -44,7 +44,7 @@ def plain_and_screened(monkeypatch):
     collection = mongomock.MongoClient().db.fireworks
     collection.insert_many([dict(d) for d in DOCS])
     plain = answers(collection)
-    runner.embedded_queries()
+    embedded.embedded_queries()
     assert mongomock.collection.Collection._alflow_prescreen
     return plain, answers(collection), collection
 
@@ -87,5 +87,5 @@ def test_snapshot_writes_what_mongomock_persistence_reads(tmp_path):
         connection = client
 
     path = tmp_path / "store.json"
-    runner.snapshot(LaunchPadLike, path)
+    embedded.snapshot(LaunchPadLike, path)
     assert json_util.loads(path.read_text()) == json_util.loads(json_util.dumps(client._store.to_dict()))

@@ -70,7 +70,8 @@ def test_calculator_refuses_atoms_that_close_in_within_the_skin(trained):
         atoms.get_potential_energy()
 
 
-def test_merge_counts_a_rejected_structure_as_failed_not_paid(tmp_path):
+def new_campaign(tmp_path, name: str, learner: str = ""):
+    """A relax campaign on C/Cu(100) with the EMT oracle in a fresh mongomock store: (store, spec)."""
     mongomock = pytest.importorskip("mongomock")
     from ase.io import write
 
@@ -80,11 +81,19 @@ def test_merge_counts_a_rejected_structure_as_failed_not_paid(tmp_path):
 
     write(tmp_path / "start.traj", c_cu100())
     (tmp_path / "spec.yaml").write_text(
-        "name: reject\nsystem: {structure: start.traj}\nsimulation: {kind: relax}\noracle: {kind: emt}\n"
-        "learner: {stop: {fmax: 0.05, max_iterations: 2}}\n")
+        f"name: {name}\nsystem: {{structure: start.traj}}\nsimulation: {{kind: relax}}\noracle: {{kind: emt}}\n"
+        f"learner: {{stop: {{fmax: 0.05, max_iterations: 5}}{learner}}}\n")
     spec = load_spec(tmp_path / "spec.yaml")
     store = Store(mongomock.MongoClient()["alflow"])
-    campaign = steps.start(store, spec)
+    steps.start(store, spec)
+    return store, spec
+
+
+def test_merge_counts_a_rejected_structure_as_failed_not_paid(tmp_path):
+    from alflow import campaign as steps
+
+    store, spec = new_campaign(tmp_path, "reject")
+    campaign = store.campaign("reject")
     computed = []
     for atoms, role in ((c_cu100(), "seed"), (fused()[0], "query")):
         cand = steps.Candidate.of(atoms, role)
@@ -95,3 +104,31 @@ def test_merge_counts_a_rejected_structure_as_failed_not_paid(tmp_path):
     statuses = sorted(d["status"] for d in store.labels(campaign="reject"))
     assert statuses == ["ok", "rejected"]
     assert len(steps.training_images(store, store.campaign("reject"))) == 1  # never trained on
+
+
+def test_too_many_failures_in_a_round_stop_the_campaign(tmp_path):
+    from alflow import campaign as steps
+
+    store, spec = new_campaign(tmp_path, "broken", ", max_failures_per_iteration: 1")
+
+    def round_of(iteration, n_failed, n_rejected=0):
+        computed = []
+        for k in range(n_failed + n_rejected + 1):
+            atoms = c_cu100()
+            atoms.rattle(0.05, seed=100 * iteration + k)
+            result = compute_label(atoms, spec.oracle)
+            if k < n_failed:
+                result = {"status": "failed", "failure_class": "scf", "reason": "SCF not converged", "seconds": 1.0}
+            elif k < n_failed + n_rejected:
+                atoms = fused()[0]
+                atoms.rattle(0.01, seed=k)
+                result = compute_label(atoms, spec.oracle)
+            computed.append({"candidate": steps.Candidate.of(atoms, "query").to_dict(), "result": result})
+        return steps.merge(store, store.campaign("broken"), iteration, computed, [])
+
+    round_of(0, 0)
+    assert not round_of(1, 1, n_rejected=2).decision.done  # 1 failure (rejections are not the oracle's)
+    outcome = round_of(2, 2)
+    assert outcome.decision.done and not outcome.decision.converged
+    assert "2 oracle calls failed in round 2" in outcome.decision.reason
+    assert "max_failures_per_iteration = 1" in outcome.decision.reason

@@ -11,17 +11,22 @@ LaunchPad (``_add_launchpad_and_fw_id``): the same database and client as FireWo
 
 from __future__ import annotations
 
+import time
+
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 
-from alflow import campaign as steps
-from alflow.online import run_online
 from alflow.oracles import compute_label
-from alflow.store import Store
+from alflow.store.documents import atoms_from_document
+
+# The ML steps (alflow.campaign, torch) are imported in the tasks that use them: a worker process
+# that only runs LabelTask starts without them.
 
 
 class _StoreTask(FiretaskBase):
     def store_and_campaign(self):
-        store = Store(self.launchpad.db)
+        from alflow.store import Store
+
+        store = Store.from_launchpad(self.launchpad)
         return store, store.campaign(self["campaign"])
 
 
@@ -32,6 +37,7 @@ class SeedTask(_StoreTask):
     required_params = ["campaign"]
 
     def run_task(self, fw_spec):
+        from alflow import campaign as steps
         from alflow.fw.workflow import label_round
 
         store, campaign = self.store_and_campaign()
@@ -46,8 +52,12 @@ class TrainTask(_StoreTask):
     required_params = ["campaign", "iteration"]
 
     def run_task(self, fw_spec):
+        from alflow import campaign as steps
+
         store, campaign = self.store_and_campaign()
+        start = time.perf_counter()
         _, model_id = steps.train(store, campaign, self["iteration"])
+        store.record_iteration(campaign["name"], self["iteration"], {"train_seconds": time.perf_counter() - start})
         return FWAction(update_spec={"model_id": str(model_id)}, stored_data={"model_id": str(model_id)})
 
 
@@ -58,14 +68,18 @@ class ExploreTask(_StoreTask):
     required_params = ["campaign", "iteration"]
 
     def run_task(self, fw_spec):
+        from alflow import campaign as steps
         from alflow.fw.workflow import label_round
 
         store, campaign = self.store_and_campaign()
         i = self["iteration"]
         pot = store.load_model(fw_spec["model_id"])
+        start = time.perf_counter()
         result = steps.run_simulation(pot.calculator, campaign, i)
         frames = result.band if campaign["kind"] == "neb" else result.frames
         trajectory = store.save_trajectory(frames, campaign["name"], i, campaign["kind"])
+        store.record_iteration(campaign["name"], i, steps.simulation_metrics(result, time.perf_counter() - start),
+                               trajectory=trajectory)
         candidates, key = steps.choose(store, campaign, result, i)
         to_compute, reused = steps.split_cached(store, campaign, candidates)
         return FWAction(
@@ -83,7 +97,7 @@ class LabelTask(FiretaskBase):
 
     def run_task(self, fw_spec):
         cand = self["candidate"]
-        result = compute_label(steps.structure_from_dict(cand["structure"]), self["oracle"])
+        result = compute_label(atoms_from_document(cand["structure"]), self["oracle"])
         return FWAction(
             stored_data={"status": result["status"], "seconds": result["seconds"]},
             mod_spec=[{"_push": {"labels": {"candidate": cand, "result": result}}}],
@@ -98,6 +112,7 @@ class MergeTask(_StoreTask):
     optional_params = ["key", "trajectory"]
 
     def run_task(self, fw_spec):
+        from alflow import campaign as steps
         from alflow.fw.workflow import round_firework
 
         store, campaign = self.store_and_campaign()
@@ -121,6 +136,9 @@ class OnlineTask(_StoreTask):
     required_params = ["campaign", "iteration"]
 
     def run_task(self, fw_spec):
+        from alflow import campaign as steps
+        from alflow.online import run_online
+
         store, campaign = self.store_and_campaign()
         outcome, key, trajectory = run_online(store, campaign, self["iteration"])
         summary = steps.write_results(store, store.campaign(campaign["name"]), outcome, key, trajectory)

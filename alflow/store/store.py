@@ -135,20 +135,26 @@ def _finite_array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
 class Store:
     """alflow's collections in a pymongo-compatible Database (FireWorks' ``lp.db``)."""
 
-    def __init__(self, db):
+    def __init__(self, db, create_indexes: bool = True, checkpoint=None):
+        """``create_indexes=False``: touch nothing (a read-only view, e.g. ``alflow report``);
+        ``checkpoint``: called after a paid label is stored mid-firework (the embedded runner
+        snapshots its store then, so a crash of the online learner loses no oracle call)."""
         self.db = db
+        self.checkpoint = checkpoint or (lambda: None)
         self.campaigns = db["campaigns"]
         self.configurations = db["configurations"]
         self.labels_collection = db["labels"]
         self.models = db["models"]
         self.iteration_collection = db["iterations"]
-        self.ensure_indexes()
+        if create_indexes:
+            self.ensure_indexes()
         self._fs: gridfs.GridFS | None = None
 
     @classmethod
     def from_launchpad(cls, launchpad) -> "Store":
-        """The store in a FireWorks LaunchPad's database (the same client FireWorks uses)."""
-        return cls(launchpad.db)
+        """The store in a FireWorks LaunchPad's database (the same client FireWorks uses), with
+        the runner's checkpoint if it set one on the LaunchPad (``alflow_checkpoint``)."""
+        return cls(launchpad.db, checkpoint=getattr(launchpad, "alflow_checkpoint", None))
 
     def ensure_indexes(self) -> None:
         """Create every index of :data:`INDEXES` (idempotent; mongomock-persistence loses them)."""
@@ -310,7 +316,9 @@ class Store:
         failure keeps the first. Race-safe through the unique index.
         """
         now = utcnow()
-        config, seen = self._configuration_insert(atoms, provenance, now)
+        # a model's prediction (provenance.prediction) belongs to the label, not to the structure
+        structure_provenance = {k: v for k, v in provenance.items() if k != "prediction"}
+        config, seen = self._configuration_insert(atoms, structure_provenance, now)
         doc = self._label_document(atoms, config["hash"], oracle_hash, oracle, result, provenance, now)
         check_document("configurations", config)
         check_document("labels", doc)

@@ -1,0 +1,216 @@
+"""The embedded runner's durability: one owner per store, oracle calls in parallel worker
+processes, and `alflow resume` after kill -9 of the runner or a worker with no call paid twice.
+
+The campaign is a short CO/Cu(100) MD (EMT) whose oracle sleeps like a DFT code and logs every
+calculation (start, end, structure hash) to a file shared by all processes: the log proves the
+overlap of parallel calls and that no structure was computed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from ase.io import write
+from bson import json_util
+
+from alflow.systems import co_cu100
+
+TESTS = Path(__file__).parent
+
+
+def _env() -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env.pop("MONGOMOCK_SERVERSTORE_FILE", None)
+    return env
+
+
+def alflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alflow", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+
+
+def start_alflow(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "alflow", *args], cwd=cwd, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def md_spec(folder: Path, seconds: float, samples: int = 4, rounds: int = 2, callable_: str = "logging_emt",
+            **kwargs) -> Path:
+    write(folder / "co.traj", co_cu100())
+    oracle = {"kind": "python", "callable": f"flaky_oracle:{callable_}",
+              "kwargs": {"log": str(folder / "calls.log"), "seconds": seconds, **kwargs}}
+    spec = {"name": "md", "system": {"structure": "co.traj"},
+            "simulation": {"kind": "md", "steps": 10, "temperature_K": 300, "seed": 1},
+            "oracle": oracle, "model": {"ensemble": 2, "epochs": 20},
+            "learner": {"query": {"strategy": "random", "samples": samples},
+                        "stop": {"energy_mae": 1.0, "force_mae": 2.0, "max_iterations": rounds}}}
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def calls(folder: Path) -> list[tuple[float, float, str]]:
+    log = folder / "calls.log"
+    rows = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return [(float(a), float(b), h) for a, b, h in rows]
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "results" / "md" / "summary.json").read_text())
+
+
+def store_is_whole(folder: Path) -> dict:
+    """The store file parses (never truncated) — returns it."""
+    return json_util.loads((folder / "store" / "store.json").read_text())
+
+
+def assert_each_call_once(folder: Path) -> None:
+    log = calls(folder)
+    repeated = {h: n for h, n in Counter(h for _, _, h in log).items() if n > 1}
+    assert not repeated, f"structures computed more than once: {repeated}"
+    s = summary(folder)
+    assert s["oracle_calls"] == len(log)  # every paid call is in the store, and only those
+    labels = store_is_whole(folder)["alflow"]["labels"]["documents"]
+    assert sorted(d["structure_hash"] for _, d in labels) == sorted(h for _, _, h in log)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The campaign run without interruption, oracle calls in 2 workers."""
+    folder = tmp_path_factory.mktemp("reference")
+    spec = md_spec(folder, seconds=1.5)
+    proc = alflow("run", spec.name, "--store", "store", "--workers", "2", cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    return folder
+
+
+def test_oracle_calls_run_in_parallel_workers(reference):
+    round1 = sorted(calls(reference)[1:5])  # after the seed label: round 1's 4 queried frames
+    events = sorted([(a, 1) for a, _, _ in round1] + [(b, -1) for _, b, _ in round1])
+    running, most, both = 0, 0, 0.0
+    for (t, step), (t_next, _) in zip(events, events[1:] + [(events[-1][0], 0)]):
+        running += step
+        most = max(most, running)
+        both += (t_next - t) if running == 2 else 0.0
+    assert most == 2  # never more than --workers at once
+    assert both > 0.75 * 2 * 1.5  # two pairs of 1.5-s calls ran side by side (3 s if perfectly aligned)
+    assert summary(reference)["converged"]
+    assert_each_call_once(reference)
+
+
+def test_second_process_on_a_store_is_refused(tmp_path):
+    spec = md_spec(tmp_path, seconds=1.0, rounds=1)
+    first = start_alflow("run", spec.name, "--store", "store", cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "calls.log").exists() and time.time() < deadline:
+            time.sleep(0.2)  # the runner holds the store and has paid its first call
+        before = (tmp_path / "store" / "store.json").read_bytes()
+        for args in (("run", spec.name), ("resume",)):
+            second = alflow(*args, "--store", "store", cwd=tmp_path)
+            assert second.returncode == 1
+            assert second.stderr.count("\n") == 1 and "in use by another alflow process" in second.stderr
+            assert f"pid {first.pid}" in second.stderr
+        assert first.poll() is None
+        assert (tmp_path / "store" / "store.json").read_bytes() == before or first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+
+
+def _kill_when(proc: subprocess.Popen, folder: Path, n_calls: int, delay: float, deadline: float = 300) -> bool:
+    """kill -9 ``proc`` ``delay`` s after the call log reaches ``n_calls`` lines; False if it ended first."""
+    end = time.time() + deadline
+    while len(calls(folder)) < n_calls and proc.poll() is None and time.time() < end:
+        time.sleep(0.1)
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def test_runner_killed_at_random_points_resumes_without_paying_twice(tmp_path, reference):
+    rng = random.Random(7)
+    spec = md_spec(tmp_path, seconds=1.5)
+    runner = start_alflow("run", spec.name, "--store", "store", "--workers", "2", cwd=tmp_path)
+    kills = 0
+    for n_calls in (1, 3, 6):  # during the seed round, inside round 1's fan-out, and later
+        if not _kill_when(runner, tmp_path, n_calls, rng.uniform(0.0, 2.0)):
+            break
+        kills += 1
+        store_is_whole(tmp_path)  # never truncated
+        runner = start_alflow("resume", "--store", "store", "--workers", "2", cwd=tmp_path)
+    runner.wait(timeout=900)
+    assert kills >= 2
+    final = alflow("resume", "--store", "store", "--workers", "2", cwd=tmp_path)  # a finished store: nothing to do
+    assert final.returncode in (0, 3), final.stderr
+    s, ref = summary(tmp_path), summary(reference)
+    assert s["converged"] and (s["iterations"], s["oracle_calls"]) == (ref["iterations"], ref["oracle_calls"])
+    assert s["validation"]["force_mae"] == pytest.approx(ref["validation"]["force_mae"], rel=1e-6)
+    assert_each_call_once(tmp_path)
+
+
+def test_worker_killed_mid_call_is_rerun(tmp_path):
+    spec = md_spec(tmp_path, seconds=3.0, rounds=1)
+    runner = start_alflow("run", spec.name, "--store", "store", "--workers", "2", cwd=tmp_path)
+    try:
+        deadline, victim = time.time() + 300, None
+        while victim is None and time.time() < deadline:  # a worker of round 1, inside its oracle call
+            for pid_file in (tmp_path / "store" / "launches").glob("*/worker.pid"):
+                if len(calls(tmp_path)) >= 1 and (pid_file.parent / "FW.json").read_text().count("label 1."):
+                    victim = int(pid_file.read_text())
+                    break
+            time.sleep(0.1)
+        assert victim is not None
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        assert runner.wait(timeout=900) in (0, 3)
+    finally:
+        runner.kill()
+    s = summary(tmp_path)
+    assert s["oracle_calls"] == 5 and s["failed_labels"] == 0  # the lost call was redone, not failed
+    assert_each_call_once(tmp_path)  # the killed call never finished, so it was paid once
+
+
+def test_failing_oracle_in_workers_is_recorded_by_class(tmp_path):
+    spec = md_spec(tmp_path, seconds=0.0, rounds=4, callable_="flaky_logging_emt", period=4)
+    proc = alflow("run", spec.name, "--store", "store", "--workers", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    s = summary(tmp_path)
+    labels = [d for _, d in store_is_whole(tmp_path)["alflow"]["labels"]["documents"]]
+    failed = [d for d in labels if d["status"] == "failed"]
+    assert s["converged"] and s["failed_labels"] == len(failed) >= 1
+    assert {d["failure_class"] for d in failed} == {"exception"}
+    assert all("simulated SCF failure" in d["reason"] for d in failed)
+
+
+def test_online_learner_killed_mid_round_resumes_without_paying_twice(tmp_path):
+    from alflow.systems import c_cu100
+
+    write(tmp_path / "start.traj", c_cu100())
+    oracle = {"kind": "python", "callable": "flaky_oracle:logging_emt",
+              "kwargs": {"log": str(tmp_path / "calls.log"), "seconds": 1.0}}
+    spec = {"name": "md", "system": {"structure": "start.traj"},  # "md": the helpers' results folder
+            "simulation": {"kind": "relax", "fmax": 0.05, "steps": 30}, "oracle": oracle,
+            "model": {"ensemble": 2, "epochs": 20, "warm_epochs": 5},
+            "learner": {"kind": "online", "threshold": 0.3, "stop": {"fmax": 0.05, "max_iterations": 1}}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    runner = start_alflow("run", "spec.yaml", "--store", "store", cwd=tmp_path)
+    assert _kill_when(runner, tmp_path, 4, 0.5), "the online round ended before the kill"
+    paid_before = len(calls(tmp_path))
+    resumed = alflow("resume", "--store", "store", cwd=tmp_path)
+    assert resumed.returncode in (0, 3), resumed.stderr
+    assert len(calls(tmp_path)) > paid_before  # the round went on past where it was killed
+    assert_each_call_once(tmp_path)  # the labels paid before the kill were found, not paid again

@@ -1,0 +1,130 @@
+"""alflow on a MongoDB server: `alflow submit` + FireWorks' stock `rlaunch`, `alflow run -l`, and the
+FireWorks configuration files. The server parts run when ALFLOW_TEST_MONGODB_URI is set (e.g.
+mongodb://user:password@localhost:27017/?authSource=admin after `docker compose up -d`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from ase.io import write
+
+from alflow.fw.launchpad import launchpad_settings
+from alflow.systems import co_cu100
+
+ROOT = Path(__file__).parents[1]
+URI = os.environ.get("ALFLOW_TEST_MONGODB_URI")
+needs_server = pytest.mark.skipif(
+    not URI, reason="no MongoDB server: set ALFLOW_TEST_MONGODB_URI=mongodb://... to run these against one")
+
+
+def test_launchpad_file_takes_its_values_from_the_environment(monkeypatch, tmp_path):
+    env = {"ALFLOW_MONGO_HOST": "db.example.org", "ALFLOW_MONGO_PORT": "27018", "ALFLOW_MONGO_DB": "campaigns",
+           "ALFLOW_MONGO_USER": "alice", "ALFLOW_MONGO_PASSWORD": "s3cr$t{x}"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = launchpad_settings(ROOT / "fw_configs" / "my_launchpad.yaml")
+    assert (settings["host"], settings["port"], settings["name"]) == ("db.example.org", 27018, "campaigns")
+    assert (settings["username"], settings["password"]) == ("alice", "s3cr$t{x}")
+    monkeypatch.delenv("ALFLOW_MONGO_PASSWORD")
+    with pytest.raises(ValueError, match="ALFLOW_MONGO_PASSWORD not set") as exc:
+        launchpad_settings(ROOT / "fw_configs" / "my_launchpad.yaml")
+    assert "alice" not in str(exc.value) and "s3cr" not in str(exc.value)
+
+
+@pytest.mark.parametrize("adapter, directives", [
+    ("my_qadapter_slurm.yaml", ["#SBATCH --nodes=1", "#SBATCH --ntasks=16", "#SBATCH --time=01:00:00",
+                                "#SBATCH --job-name=alflow-dft"]),
+    ("my_qadapter_pbs.yaml", ["#PBS -l nodes=1:ppn=16", "#PBS -l walltime=01:00:00", "#PBS -N alflow-dft"]),
+])
+def test_queue_adapters_render_job_scripts(adapter, directives, tmp_path):
+    from fireworks.user_objects.queue_adapters.common_adapter import CommonAdapter
+
+    qadapter = CommonAdapter.from_file(str(ROOT / "fw_configs" / adapter))
+    script = qadapter.get_script_str(str(tmp_path))
+    assert script.startswith("#!/bin/bash")
+    for line in directives:
+        assert line in script, f"{line!r} missing from:\n{script}"
+    assert "rlaunch -l ~/.fireworks/my_launchpad.yaml -w $ALFLOW_FW_CONFIGS/my_fworker_dft.yaml singleshot" in script
+    assert "module load quantum-espresso" in script and "None" not in script
+
+
+def test_fworkers_split_ml_and_dft():
+    for name, category in (("my_fworker_ml.yaml", "ml"), ("my_fworker_dft.yaml", "dft")):
+        assert yaml.safe_load((ROOT / "fw_configs" / name).read_text())["category"] == category
+
+
+@pytest.fixture
+def server_launchpad(tmp_path):
+    """A launchpad file for a fresh database on the test server; the database is dropped after."""
+    from pymongo import MongoClient
+
+    name = f"alflow_test_{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "launchpad.yaml"
+    path.write_text(yaml.safe_dump({"host": "${ALFLOW_TEST_MONGODB_URI}", "uri_mode": True, "name": name,
+                                    "strm_lvl": "ERROR"}))
+    yield path
+    MongoClient(URI).drop_database(name)
+
+
+def _campaign(folder: Path) -> Path:
+    write(folder / "co.traj", co_cu100())
+    spec = {"name": "server-md", "system": {"structure": "co.traj"},
+            "simulation": {"kind": "md", "steps": 10, "temperature_K": 300, "seed": 1}, "oracle": {"kind": "emt"},
+            "model": {"ensemble": 2, "epochs": 20},
+            "learner": {"query": {"strategy": "random", "samples": 3}, "stop": {"max_iterations": 2}}}
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    return folder / "spec.yaml"
+
+
+def _cli(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "MONGOMOCK_SERVERSTORE_FILE"}
+    return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@needs_server
+def test_submit_then_stock_rlaunch_runs_the_campaign(server_launchpad, tmp_path):
+    spec = _campaign(tmp_path)
+    proc = _cli(sys.executable, "-m", "alflow", "submit", spec.name, "-l", str(server_launchpad), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    again = _cli(sys.executable, "-m", "alflow", "submit", spec.name, "-l", str(server_launchpad), cwd=tmp_path)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    rendered = tmp_path / "rendered.yaml"  # what `envsubst` gives users for the stock commands
+    rendered.write_text(yaml.safe_dump(launchpad_settings(server_launchpad)))
+    rlaunch = Path(sys.executable).with_name("rlaunch")
+    proc = _cli(str(rlaunch), "-l", str(rendered), "rapidfire", cwd=tmp_path)  # no alflow process in the loop
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "results" / "server-md" / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["oracle_calls"] == 1 + 2 * 3
+    status = _cli(sys.executable, "-m", "alflow", "status", "-l", str(server_launchpad), cwd=tmp_path)
+    assert status.returncode == 0 and "server-md" in status.stdout
+
+
+@needs_server
+def test_run_drives_a_server_launchpad_with_offline_workers(server_launchpad, tmp_path):
+    spec = _campaign(tmp_path)
+    proc = _cli(sys.executable, "-m", "alflow", "run", spec.name, "-l", str(server_launchpad), "--workers", "2",
+                cwd=tmp_path)
+    assert proc.returncode in (0, 3), proc.stderr
+    summary = json.loads((tmp_path / "results" / "server-md" / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["oracle_calls"] == 1 + 2 * 3
+
+
+def test_submit_refuses_a_bad_spec_or_launchpad_in_one_line(tmp_path, monkeypatch):
+    spec = _campaign(tmp_path)
+    monkeypatch.delenv("ALFLOW_MONGO_PASSWORD", raising=False)
+    cases = {  # (spec, launchpad) → what the one-line error names
+        ("spec.yaml", "missing.yaml"): "missing.yaml: launchpad file not found",
+        ("spec.yaml", str(ROOT / "fw_configs" / "my_launchpad.yaml")): "ALFLOW_MONGO_PASSWORD",
+        ("nope.yaml", str(ROOT / "fw_configs" / "my_launchpad.yaml")): "nope.yaml",
+    }
+    for (spec_name, launchpad), named in cases.items():
+        proc = _cli(sys.executable, "-m", "alflow", "submit", spec_name, "-l", launchpad, cwd=tmp_path)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and named in proc.stderr, proc.stderr
+    assert spec.exists() and not (tmp_path / "results").exists()
