@@ -132,13 +132,19 @@ def test_bad_spec_is_refused_and_store_untouched(finished, tmp_path):
     assert proc.returncode != 0 and not (tmp_path / "fresh").exists()
 
 
-def test_failing_oracle_is_recorded_and_campaign_goes_on(tmp_path):
+def run_flaky_relax(tmp_path: Path) -> dict:
+    """Run a two-round relax campaign ``relax-flaky`` in ``tmp_path`` (store ``store``) whose oracle
+    raises on every second call; returns its summary.json."""
     counter = tmp_path / "calls.txt"
     oracle = {"kind": "python", "callable": "flaky_oracle:flaky_emt", "kwargs": {"counter": str(counter), "period": 2}}
     spec = relax_spec(tmp_path, "relax-flaky", oracle, rounds=2)
     proc = run_cli("run", spec.name, "--store", "store", cwd=tmp_path)
     assert proc.returncode in (0, 3), proc.stderr
-    summary = json.loads((tmp_path / "results" / "relax-flaky" / "summary.json").read_text())
+    return json.loads((tmp_path / "results" / "relax-flaky" / "summary.json").read_text())
+
+
+def test_failing_oracle_is_recorded_and_campaign_goes_on(tmp_path):
+    summary = run_flaky_relax(tmp_path)
     failed = [l for l in collection(tmp_path / "store", "labels") if l["status"] == "failed"]
     assert summary["failed_labels"] == len(failed) >= 1
     assert all("simulated SCF failure" in l["reason"] and l["failure_class"] == "exception" for l in failed)
