@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shlex
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,7 +40,6 @@ from alflow.oracles.external import (
 from alflow.oracles.failures import CodeCrashed, SCFNotConverged
 from alflow.oracles.settings import (
     SettingsError,
-    check_keys,
     element_files,
     field_value,
     grid,
@@ -149,11 +148,8 @@ class EspressoSettings(RunSettings):
     def from_mapping(cls, data: Mapping[str, Any], base: Path | None = None) -> "EspressoSettings":
         """Validated settings from a spec's oracle section (``kind`` ignored); relative paths are
         taken relative to ``base``. Raises :class:`SettingsError` naming the field."""
-        data = check_keys({k: v for k, v in data.items() if k != "kind"}, KEYS)
-        if "pseudopotentials" not in data:
-            raise SettingsError("pseudopotentials", "required (element → file name in pseudo_dir)")
-        if "input_data" not in data:
-            raise SettingsError("input_data", "required (at least ecutwfc, in Ry)")
+        data = cls.checked(data, KEYS, {"pseudopotentials": "element → file name in pseudo_dir",
+                                        "input_data": "at least ecutwfc, in Ry"})
         values = RunSettings.run_fields(data, base)
         values.update(
             pseudo_dir=field_value(data, "pseudo_dir", path_text(base), DEBIAN_PSEUDO_DIR),
@@ -163,10 +159,6 @@ class EspressoSettings(RunSettings):
             koffset=field_value(data, "koffset", _koffset, [0, 0, 0]),
         )
         return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The normalised settings (JSON-able), as a spec's oracle section holds them."""
-        return asdict(self)
 
     def physics(self) -> dict[str, Any]:
         """What determines the labels, for the label-cache key: not the run settings

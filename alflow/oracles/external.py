@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,6 +32,7 @@ from alflow.oracles.failures import CodeCrashed, OracleFailure, WalltimeExceeded
 from alflow.oracles.settings import (
     SettingsError,
     boolean,
+    check_keys,
     field_value,
     integer,
     optional,
@@ -85,6 +86,20 @@ class RunSettings:
     timeout_s: float | None = None
     keep_scratch: bool = False
     scratch: str | None = None
+
+    @staticmethod
+    def checked(data: Mapping, keys, required: Mapping[str, str]) -> dict:
+        """A spec's oracle section without ``kind``, its keys checked against ``keys`` and every
+        ``required`` key present (its value: what the error adds, e.g. an example)."""
+        data = check_keys({k: v for k, v in data.items() if k != "kind"}, keys)
+        for key, hint in required.items():
+            if key not in data:
+                raise SettingsError(key, f"required ({hint})")
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised settings (JSON-able), as a spec's oracle section holds them."""
+        return asdict(self)
 
     @staticmethod
     def run_fields(data: Mapping, base: Path | None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import re
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,7 +48,6 @@ from alflow.oracles.failures import CodeCrashed, SCFNotConverged, WalltimeExceed
 from alflow.oracles.settings import (
     SettingsError,
     boolean,
-    check_keys,
     field_value,
     grid,
     integer,
@@ -146,9 +145,7 @@ class VaspSettings(RunSettings):
     def from_mapping(cls, data: Mapping[str, Any], base: Path | None = None) -> "VaspSettings":
         """Validated settings from a spec's oracle section (``kind`` ignored); relative paths are
         taken relative to ``base``. Raises :class:`SettingsError` naming the field."""
-        data = check_keys({k: v for k, v in data.items() if k != "kind"}, KEYS)
-        if "incar" not in data:
-            raise SettingsError("incar", "required (INCAR tags, e.g. {ENCUT: 400, ISMEAR: 1, SIGMA: 0.1})")
+        data = cls.checked(data, KEYS, {"incar": "INCAR tags, e.g. {ENCUT: 400, ISMEAR: 1, SIGMA: 0.1}"})
         values = RunSettings.run_fields(data, base)
         values.update(
             incar=field_value(data, "incar", _incar, None),
@@ -161,9 +158,6 @@ class VaspSettings(RunSettings):
             max_errors=field_value(data, "max_errors", integer(0), 5),
         )
         return cls(**values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def physics(self) -> dict[str, Any]:
         """What determines the labels (label-cache key): INCAR, k-points, xc, setups, handlers;
