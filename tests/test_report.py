@@ -211,3 +211,16 @@ def test_open_readonly_refuses_missing_sources(tmp_path):
     with pytest.raises(OSError, match="launchpad file not found"):
         open_readonly(launchpad=tmp_path / "my_launchpad.yaml")
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+def test_campaign_wall_time_counts_overlapping_launches_once_and_gaps_not_at_all():
+    from datetime import datetime, timedelta
+
+    from alflow.report.data import _covered_seconds
+
+    t = datetime(2026, 1, 1)
+    s = lambda a, b: (t + timedelta(seconds=a), t + timedelta(seconds=b))  # noqa: E731
+    # two parallel oracle calls (overlap), then a 1-hour stop before resume, then one more launch
+    assert _covered_seconds([s(0, 10), s(5, 12), s(12, 20), s(3620, 3630)]) == 30.0
+    assert _covered_seconds([s(0, 10), s(2, 4)]) == 10.0
+    assert _covered_seconds([]) is None

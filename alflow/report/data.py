@@ -233,18 +233,18 @@ def _seconds(launch: Mapping) -> float | None:
 
 
 def read_stage_times(db, name: str, iterations: list[Iteration]) -> tuple[list[StageTime], float | None]:
-    """Wall time per stage from FireWorks' launches, and the campaign's wall time (first launch
-    start to last launch end). A round firework is split into training (``train_seconds``) and
-    the ML simulation + query."""
+    """Wall time per stage from FireWorks' launches, and the campaign's wall time: the time during
+    which any of its fireworks ran (the union of the launch intervals, so parallel oracle calls are
+    counted once and the time a stopped campaign waited for ``alflow resume`` not at all). A round
+    firework is split into training (``train_seconds``) and the ML simulation + query."""
     fws = {d["fw_id"]: d["name"] for d in db["fireworks"].find(
         {"name": {"$regex": f"^{re.escape(name)}: "}}, {"fw_id": 1, "name": 1})}
     totals: dict[str, list[float]] = {}
-    starts, ends = [], []
+    intervals = []
     for launch in db["launches"].find({"fw_id": {"$in": list(fws)}}):
         seconds = _seconds(launch)
-        for key, times in (("time_start", starts), ("time_end", ends)):
-            if launch.get(key):
-                times.append(datetime.fromisoformat(str(launch[key])))
+        if launch.get("time_start") and launch.get("time_end"):
+            intervals.append(tuple(datetime.fromisoformat(str(launch[k])) for k in ("time_start", "time_end")))
         if seconds is None:
             continue
         what = fws[launch["fw_id"]][len(name) + 2:]
@@ -263,8 +263,21 @@ def read_stage_times(db, name: str, iterations: list[Iteration]) -> tuple[list[S
             stages.append(StageTime(stage, sum(totals[stage]), len(totals[stage])))
     if "other" in totals:
         stages.append(StageTime("other", sum(totals["other"]), len(totals["other"])))
-    wall = (max(ends) - min(starts)).total_seconds() if starts and ends else None
-    return stages, wall
+    return stages, _covered_seconds(intervals)
+
+
+def _covered_seconds(intervals: list[tuple[datetime, datetime]]) -> float | None:
+    """Length of the union of time intervals, in seconds (None for none)."""
+    if not intervals:
+        return None
+    total, (start, end) = 0.0, sorted(intervals)[0]
+    for a, b in sorted(intervals)[1:]:
+        if a > end:
+            total += (end - start).total_seconds()
+            start, end = a, b
+        else:
+            end = max(end, b)
+    return total + (end - start).total_seconds()
 
 
 def direct_oracle_calls(data: CampaignData) -> DirectCount:

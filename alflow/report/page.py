@@ -121,7 +121,7 @@ def header_rows(data: CampaignData) -> list[Row]:
                                      ("force_mae", "Validation force MAE (last round)", "eV/Å"),
                                      ("frames", "Validation frames", "")):
                 rows.append(Row(label, number(v.get(key), unit), f"validation.{key}", v.get(key)))
-    rows.append(Row("Wall time, campaign", duration(data.wall_seconds)))
+    rows.append(Row("Wall time, campaign (fireworks running)", duration(data.wall_seconds)))
     for st in data.stages:
         rows.append(Row(f"Wall time, {st.stage}", f"{duration(st.seconds)} ({st.count} firework{'s' if st.count != 1 else ''})"))
     return rows
