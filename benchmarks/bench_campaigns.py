@@ -13,6 +13,10 @@ process. Metrics are the paper's (REFERENCE.md):
 
     python benchmarks/bench_campaigns.py relax --seeds 0 1 2 3 4 [--prior none] [--online]
     → table + benchmarks/results/campaign_<case>.json
+
+``relax_qe`` is the real-DFT case: the campaign of ``workflows/c_cu100_relax_qe.yaml`` vs a direct
+Quantum ESPRESSO BFGS relaxation with the same oracle settings (``--set oracle.kpts=null`` etc.
+apply to both), both timed; the direct run's wall time is the baseline of the wall-time ratio.
 """
 
 from __future__ import annotations
@@ -28,38 +32,70 @@ import time
 from pathlib import Path
 
 import yaml
-from ase.calculators.emt import EMT
 from ase.io import read
 
 from alflow import simulate
 from alflow.metrics import barrier, structure_error
+from alflow.oracles import calculator_factory, oracle_options
 from alflow.spec import load_spec
 
 ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results"
 EXAMPLES = {"relax": "c_cu100_relax", "relax_online": "c_cu100_relax_online", "neb": "o_cu100_neb",
-            "md": "co_cu100_md"}
+            "md": "co_cu100_md", "relax_qe": "c_cu100_relax_qe"}
 
 
-class CountingEMT(EMT):
-    calls = 0
+def counted_oracle(oracle: dict):
+    """(factory of the spec's oracle calculators whose every calculation is counted, counter)."""
+    kind, options = oracle_options(oracle)
+    factory = calculator_factory(kind, options)
+    counter = {"calls": 0}
 
-    def calculate(self, *args, **kwargs):
-        CountingEMT.calls += 1
-        super().calculate(*args, **kwargs)
+    def make():
+        calc = factory()
+        inner = calc.calculate
+
+        def calculate(*args, **kwargs):
+            counter["calls"] += 1
+            return inner(*args, **kwargs)
+
+        calc.calculate = calculate
+        return calc
+
+    return make, counter
 
 
 def direct_run(spec) -> dict:
-    """The simulation with the oracle itself: its calls and reference results."""
-    CountingEMT.calls = 0
+    """The simulation with the oracle itself: its calls, wall time and reference results."""
+    make, counter = counted_oracle(spec.oracle)
     settings = dict(spec.simulation)
+    t0 = time.perf_counter()
     if spec.kind == "relax":
-        r = simulate.relax(spec.images[0], CountingEMT(), simulate.RelaxSettings(**settings))
-        return {"calls": CountingEMT.calls, "final": r.final, "energy": r.final.get_potential_energy()}
-    if spec.kind == "neb":
-        r = simulate.neb(spec.images[0], spec.images[1], CountingEMT, simulate.NEBSettings(**settings))
-        return {"calls": CountingEMT.calls, "barrier": barrier([a.get_potential_energy() for a in r.band])}
-    return {"calls": int(settings.get("steps", 2000))}  # MD: one oracle call per step
+        r = simulate.relax(spec.images[0], make(), simulate.RelaxSettings(**settings))
+        out = {"final": r.final, "energy": r.final.get_potential_energy(), "converged": r.converged}
+    elif spec.kind == "neb":
+        r = simulate.neb(spec.images[0], spec.images[1], make, simulate.NEBSettings(**settings))
+        out = {"barrier": barrier([a.get_potential_energy() for a in r.band])}
+    else:
+        return {"calls": int(settings.get("steps", 2000))}  # MD: one oracle call per step
+    return {"calls": counter["calls"], "wall_s": round(time.perf_counter() - t0, 1), **out}
+
+
+def spec_with(example: str, seed: int, prior: str, overrides: dict, folder: Path) -> Path:
+    """The example's spec in ``folder`` (with its structures) with the seed, prior and overrides."""
+    for f in (ROOT / "workflows").glob("*.traj"):
+        shutil.copy(f, folder)
+    spec = yaml.safe_load((ROOT / "workflows" / f"{example}.yaml").read_text())
+    spec["model"] = {**spec.get("model", {}), "seed": seed, "prior": prior}
+    if spec["simulation"]["kind"] == "md":
+        spec["simulation"]["seed"] = seed
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        spec.setdefault(section, {})[key] = value
+    spec["results"] = str(folder / "results")
+    path = folder / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
 
 
 
@@ -67,17 +103,7 @@ def run_campaign(example: str, seed: int, prior: str, overrides: dict) -> tuple[
     """One campaign in a fresh folder and store; returns (summary, wall seconds)."""
     with tempfile.TemporaryDirectory(prefix="alflow-bench-") as tmp:
         tmp = Path(tmp)
-        for f in (ROOT / "workflows").glob("*.traj"):
-            shutil.copy(f, tmp)
-        spec = yaml.safe_load((ROOT / "workflows" / f"{example}.yaml").read_text())
-        spec["model"] = {**spec.get("model", {}), "seed": seed, "prior": prior}
-        if spec["simulation"]["kind"] == "md":
-            spec["simulation"]["seed"] = seed
-        for dotted, value in overrides.items():
-            section, key = dotted.split(".", 1)
-            spec.setdefault(section, {})[key] = value
-        spec["results"] = str(tmp / "results")
-        (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+        spec_with(example, seed, prior, overrides, tmp)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "alflow", "run", "spec.yaml", "--store", "store"], cwd=tmp,
                               capture_output=True, text=True)
@@ -96,6 +122,8 @@ def metrics(kind: str, summary: dict, direct: dict) -> dict:
            "iterations": summary.get("iterations"), "failed_labels": summary.get("failed_labels")}
     if "error" in summary:  # the campaign did not finish: say why, in the row and the JSON
         out["error"] = summary["error"]
+    if direct.get("wall_s") and summary.get("wall_s"):
+        out["wall_ratio"] = summary["wall_s"] / direct["wall_s"]
     if kind == "relax" and "final_atoms" in summary:
         out["energy_error"] = abs(summary["final_energy"] - direct["energy"])
         out["structure_error"] = structure_error(summary["final_atoms"], direct["final"])
@@ -120,13 +148,13 @@ def mean_std(values: list) -> str:
 def write_results(out: Path, args, example: str, overrides: dict, direct: dict, runs: list[dict]) -> dict:
     """The runs so far and their mean ± std, as JSON; returns the table."""
     keys = [k for k in ("oracle_calls", "energy_error", "structure_error", "barrier_error", "barrier_error_oracle",
-                        "energy_mae", "force_mae", "wall_s") if any(r.get(k) is not None for r in runs)]
+                        "energy_mae", "force_mae", "wall_s", "wall_ratio") if any(r.get(k) is not None for r in runs)]
     table = {k: mean_std([r.get(k) for r in runs]) for k in keys}
     out.write_text(json.dumps({
         "case": args.case, "example": f"workflows/{example}.yaml", "prior": args.prior, "seeds": args.seeds,
         "overrides": overrides,
         "direct_oracle_calls": direct["calls"],
-        "direct": {k: v for k, v in direct.items() if k in ("energy", "barrier")},
+        "direct": {k: v for k, v in direct.items() if k in ("energy", "barrier", "wall_s", "converged")},
         "converged": sum(r["converged"] for r in runs), "mean_std": table, "runs": runs,
     }, indent=1))
     return table
@@ -143,13 +171,16 @@ def main() -> None:
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     example = EXAMPLES[args.case]
-    spec = load_spec(ROOT / "workflows" / f"{example}.yaml")
-    direct = direct_run(spec)
+    with tempfile.TemporaryDirectory(prefix="alflow-direct-") as tmp:  # the overrides apply to the direct run too
+        spec = load_spec(spec_with(example, args.seeds[0], args.prior, overrides, Path(tmp)))
+        direct = direct_run(spec)
+    print(json.dumps({"direct": {k: v for k, v in direct.items() if k != "final"}}), flush=True)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"campaign_{args.case}{'_noprior' if args.prior == 'none' else ''}{'_' + args.tag if args.tag else ''}.json"
     runs = []
     for seed in args.seeds:  # the JSON is rewritten after every seed: a long run keeps what it measured
         summary, wall = run_campaign(example, seed, args.prior, overrides)
+        summary["wall_s"] = round(wall, 1)
         row = {"seed": seed, "wall_s": round(wall, 1), **metrics(spec.kind, summary, direct)}
         runs.append(row)
         print(json.dumps(row), flush=True)
