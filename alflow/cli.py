@@ -162,7 +162,12 @@ def _database(args: argparse.Namespace):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """``alflow status``: one line per campaign, read without writing; ``--watch``: redrawn until Ctrl-C."""
+    """``alflow status``: one line per campaign, read without writing; ``--watch``: redrawn until
+    Ctrl-C. SIGINT gets its own handler that sets a flag: Python does not turn SIGINT into
+    KeyboardInterrupt when the process started with it ignored (a background job of a script), and
+    an interrupt raised inside a library's cleanup would be printed and swallowed."""
+    import signal
+    import threading
     import time
 
     from alflow.status import format_table, iteration_table, status_rows
@@ -170,22 +175,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.watch is not None and args.watch <= 0:
         raise UsageError(f"--watch: seconds must be > 0, got {args.watch:g}")
     clear = args.watch is not None and sys.stdout.isatty()
-    try:
-        while True:
-            db = _database(args)
-            table = iteration_table(db, args.campaign) if args.campaign else format_table(status_rows(db))
-            if clear:
-                print("\033[H\033[2J", end="")
-            if args.watch is not None:
-                print(time.strftime("%Y-%m-%d %H:%M:%S"), f"(every {args.watch:g} s, Ctrl-C to stop)")
-            print(table, flush=True)
-            if args.watch is None:
-                return 0
-            time.sleep(args.watch)
-            if not clear:
-                print()
-    except KeyboardInterrupt:
-        return 0
+    stop = threading.Event()
+    if args.watch is not None:
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.is_set():
+        db = _database(args)
+        table = iteration_table(db, args.campaign) if args.campaign else format_table(status_rows(db))
+        if clear:
+            print("\033[H\033[2J", end="")
+        if args.watch is not None:
+            print(time.strftime("%Y-%m-%d %H:%M:%S"), f"(every {args.watch:g} s, Ctrl-C to stop)")
+        print(table, flush=True)
+        if args.watch is None or stop.wait(args.watch):
+            break
+        if not clear:
+            print()
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
