@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
 
 from ase.calculators.calculator import CalculatorError
+from pymongo.errors import PyMongoError
 
 from alflow import oracles
 from alflow.model.morse import MorseParameters
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit code."""
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         return args.func(args)
@@ -292,6 +294,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, NotImplementedError, CalculatorError) as exc:
         print(f"alflow: error: {exc}", file=sys.stderr)
         return 1
+    except PyMongoError as exc:  # a server that cannot be reached or refuses: one line, naming the launchpad file
+        where = getattr(args, "launchpad", None)
+        print(f"alflow: error: {where or 'MongoDB'}: {_mongo_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def _mongo_error(exc: Exception) -> str:
+    """pymongo's message in one short line (a server-selection timeout lists the whole topology)."""
+    from pymongo.errors import ServerSelectionTimeoutError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ServerSelectionTimeoutError):
+        return f"cannot reach the MongoDB server ({text.split(' (configured timeouts')[0].split(', Timeout')[0]})"
+    return f"{type(exc).__name__}: {text[:300]}"
 
 
 if __name__ == "__main__":

@@ -119,8 +119,12 @@ def test_run_drives_a_server_launchpad_with_offline_workers(server_launchpad, tm
 def test_submit_refuses_a_bad_spec_or_launchpad_in_one_line(tmp_path, monkeypatch):
     spec = _campaign(tmp_path)
     monkeypatch.delenv("ALFLOW_MONGO_PASSWORD", raising=False)
+    (tmp_path / "nobody.yaml").write_text(yaml.safe_dump({  # nothing listens on port 9
+        "host": "mongodb://127.0.0.1:9/", "uri_mode": True, "name": "x",
+        "mongoclient_kwargs": {"serverSelectionTimeoutMS": 300}}))
     cases = {  # (spec, launchpad) → what the one-line error names
         ("spec.yaml", "missing.yaml"): "missing.yaml: launchpad file not found",
+        ("spec.yaml", "nobody.yaml"): "nobody.yaml: cannot reach the MongoDB server (127.0.0.1:9",
         ("spec.yaml", str(ROOT / "fw_configs" / "my_launchpad.yaml")): "ALFLOW_MONGO_PASSWORD",
         ("nope.yaml", str(ROOT / "fw_configs" / "my_launchpad.yaml")): "nope.yaml",
     }
