@@ -106,6 +106,31 @@ def test_submit_then_stock_rlaunch_runs_the_campaign(server_launchpad, tmp_path)
     assert status.returncode == 0 and "server-md" in status.stdout
 
 
+def test_stock_rlaunch_runs_a_submitted_campaign_with_no_alflow_process_in_the_loop(tmp_path):
+    """The server path without a server: the campaign is submitted to a store file, then FireWorks'
+    own `rlaunch rapidfire`, in its mongomock mode on that file, runs every firework."""
+    spec = _campaign(tmp_path)
+    submit = ("from alflow.runner import owned_store, submit\n"
+              "from alflow.spec import load_spec\n"
+              "from alflow.store.embedded import snapshot\n"
+              "with owned_store('store') as (lp, path):\n"
+              "    submit(load_spec('spec.yaml'), lp)\n"
+              "    snapshot(lp, path)\n")
+    proc = _cli(sys.executable, "-c", submit, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "lp.yaml").write_text(yaml.safe_dump({"host": "localhost", "name": "alflow", "strm_lvl": "ERROR"}))
+    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "store" / "store.json")}
+    rlaunch = Path(sys.executable).with_name("rlaunch")
+    proc = subprocess.run([str(rlaunch), "-l", "lp.yaml", "rapidfire"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "results" / "server-md" / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["oracle_calls"] == 1 + 2 * 3
+    status = _cli(sys.executable, "-m", "alflow", "status", "--store", "store", "server-md", cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[-1].split()[:4] == ["all", "7", "0", "0"]
+
+
 @needs_server
 def test_run_drives_a_server_launchpad_with_offline_workers(server_launchpad, tmp_path):
     spec = _campaign(tmp_path)
