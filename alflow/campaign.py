@@ -25,7 +25,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.io import write
 
-from alflow import metrics, query, simulate, stop
+from alflow import metrics, query, refine, simulate, stop
 from alflow.model import DeltaPotential, TrainingSettings
 from alflow.oracles import cache_settings
 from alflow.constraints import free_mask
@@ -185,14 +185,31 @@ def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any
     return pot, model_id
 
 
+def refinement_anchor(store, campaign: Mapping) -> Atoms | None:
+    """Relax with ``learner.refine_below``: the labelled structure to refine from (lowest oracle
+    fmax, if below the threshold; see :mod:`alflow.refine`), else None."""
+    below = campaign["spec"]["learner"].get("refine_below")
+    if campaign["kind"] != "relax" or below is None:
+        return None
+    return refine.best_anchor(training_images(store, campaign), below)
+
+
 def run_simulation(
-    calculator_factory: Callable[[], Calculator], campaign: Mapping, iteration: int, starts: list[Atoms] | None = None
+    calculator_factory: Callable[[], Calculator], campaign: Mapping, iteration: int, starts: list[Atoms] | None = None,
+    anchor: Atoms | None = None,
 ) -> simulate.SimulationResult:
     """The ML simulation of this round, from the starting structure(s) (or ``starts``);
-    ``calculator_factory`` gives one calculator per NEB image (offline: ``potential.calculator``)."""
+    ``calculator_factory`` gives one calculator per NEB image (offline: ``potential.calculator``).
+    Relax with an ``anchor`` (:func:`refinement_anchor`): from the anchor, with the model matched to
+    the oracle there (:class:`alflow.refine.AnchoredCalculator`)."""
     spec, kind = campaign["spec"], campaign["kind"]
     start_images = starts or [structure_from_dict(s) for s in campaign["start_structures"]]
     settings = dict(spec["simulation"])
+    if kind == "relax" and anchor is not None:
+        begin = start_images[0].copy()  # the start's constraints, the anchor's positions
+        begin.positions = anchor.positions
+        calculator = refine.AnchoredCalculator(calculator_factory(), anchor)
+        return simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
     if kind == "relax":
         return simulate.relax(start_images[0], calculator_factory(), simulate.RelaxSettings(**settings))
     if kind == "neb":

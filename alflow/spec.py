@@ -11,6 +11,7 @@ anywhere while a spec is validated.
     model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, warm_start, warm_epochs, morse_params
     learner:
       kind: offline                                 # offline | online (+ threshold: eV/Å)
+      refine_below: 0.3                             # relax: refine from the best label below this fmax (eV/Å)
       query: {strategy: relax_final, samples: 1}
       stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol; md: energy_mae, force_mae
     report: {direct_oracle_calls: 31}               # optional: oracle calls of the direct run, for `alflow report`
@@ -56,6 +57,11 @@ def _number(lo: float | None = None, strict: bool = True) -> Callable[[Any], flo
         return float(v)
 
     return check
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``check``, or None (YAML null) for "off"."""
+    return lambda v: None if v is None else check(v)
 
 
 def _choice(*options: Any) -> Callable[[Any], Any]:
@@ -270,8 +276,12 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
             "stop": (_mapping, REQUIRED),
             "threshold": (_number(0.0), 0.05),  # online: uncertainty (eV/Å) above which the oracle is called
             "max_failures_per_iteration": (_integer(0), 3),
+            # relax: refine from the best labelled structure once its oracle fmax (eV/Å) is below this
+            "refine_below": (_optional(_number(0.0)), None),
         },
     )
+    if learner["refine_below"] is not None and (kind != "relax" or learner["kind"] != "offline"):
+        raise SpecError(f"{_at(where + ('refine_below',))}: only offline relax campaigns refine; remove it")
     q = dict(learner["query"])
     strategy = q.pop("strategy", default_strategy)
     samples = q.pop("samples", 1)

@@ -194,3 +194,35 @@ def test_neb_and_md_campaigns_run_and_report(tmp_path, kind):
         assert v["frames"] >= 1 and v["energy_mae"] >= 0 and v["force_mae"] >= 0
         assert len([l for l in labels if l["iteration"] == 2]) <= 4
 
+
+
+def test_refinement_starts_each_round_at_the_best_label_matched_to_the_oracle(tmp_path):
+    """``learner.refine_below``: a round's ML relaxation starts from the labelled structure with the
+    lowest oracle fmax, and the model there gives exactly the oracle's energy and forces."""
+    import numpy as np
+
+    from alflow.refine import oracle_fmax
+    from alflow.store.readonly import open_readonly
+    from alflow.store.store import Store
+
+    spec = relax_spec(tmp_path, "relax-refined", {"kind": "emt"}, rounds=2)
+    raw = yaml.safe_load(spec.read_text())
+    raw["learner"]["refine_below"] = 100.0  # anchored from round 1 on
+    spec.write_text(yaml.safe_dump(raw))
+    proc = run_cli("run", spec.name, "--store", "store", cwd=tmp_path)
+    assert proc.returncode in (0, 3), proc.stderr
+    store = Store(open_readonly(tmp_path / "store"), create_indexes=False)
+    labels = {}
+    for doc in store.labels_collection.find({"status": "ok"}):
+        labels[doc["provenance"]["iteration"], doc["structure_hash"]] = store.label_atoms(doc)
+    rounds = [r for r in store.iterations("relax-refined") if r["iteration"] >= 1]
+    assert rounds
+    for r in rounds:
+        earlier = [a for (i, _), a in labels.items() if i < r["iteration"]]
+        best = min(earlier, key=oracle_fmax)
+        assert r["metrics"]["refined_from_fmax_oracle"] == pytest.approx(oracle_fmax(best))
+        first = store.load_trajectory(r["files"]["trajectory"])[0]
+        np.testing.assert_allclose(first.positions, best.positions, atol=1e-8)
+        assert first.get_potential_energy() == pytest.approx(best.get_potential_energy(), abs=1e-8)
+        np.testing.assert_allclose(first.get_forces(apply_constraint=False), best.get_forces(apply_constraint=False),
+                                   atol=1e-8)

@@ -94,6 +94,9 @@ def test_neb_spec_needs_initial_and_final(folder):
         (dict(learner__stop={"energy_tol": 0.01}), r"campaign.yaml: learner.stop: .*energy_tol"),  # a NEB criterion
         (dict(learner__kind="semi"), r"campaign.yaml: learner.kind: must be one of offline, online"),
         (dict(model__bootstrap=3), r"campaign.yaml: model.bootstrap: must be true or false, got 3"),
+        (dict(learner__refine_below=0), r"campaign.yaml: learner.refine_below: must be a number > 0.0, got 0"),
+        (dict(learner__kind="online", learner__refine_below=0.3),
+         r"campaign.yaml: learner.refine_below: only offline relax campaigns refine"),
         (dict(model__morse_params={"Cu": {"De": 2.0, "re": 2.2, "a": -1.0}}),
          r"campaign.yaml: model.morse_params: Cu: Morse parameter a must be a positive number, got -1.0"),
     ],

@@ -70,16 +70,20 @@ class ExploreTask(_StoreTask):
     def run_task(self, fw_spec):
         from alflow import campaign as steps
         from alflow.fw.workflow import label_round
+        from alflow.refine import oracle_fmax
 
         store, campaign = self.store_and_campaign()
         i = self["iteration"]
         pot = store.load_model(fw_spec["model_id"])
         start = time.perf_counter()
-        result = steps.run_simulation(pot.calculator, campaign, i)
+        anchor = steps.refinement_anchor(store, campaign)
+        result = steps.run_simulation(pot.calculator, campaign, i, anchor=anchor)
         frames = result.band if campaign["kind"] == "neb" else result.frames
         trajectory = store.save_trajectory(frames, campaign["name"], i, campaign["kind"])
-        store.record_iteration(campaign["name"], i, steps.simulation_metrics(result, time.perf_counter() - start),
-                               trajectory=trajectory)
+        sim = steps.simulation_metrics(result, time.perf_counter() - start)
+        if anchor is not None:  # refined from the best labelled structure: say from where
+            sim["refined_from_fmax_oracle"] = oracle_fmax(anchor)
+        store.record_iteration(campaign["name"], i, sim, trajectory=trajectory)
         candidates, key = steps.choose(store, campaign, result, i)
         to_compute, reused = steps.split_cached(store, campaign, candidates)
         return FWAction(
