@@ -113,9 +113,12 @@ def spec_with(example: str, seed: int, prior: str, overrides: dict, folder: Path
     spec["model"] = {**spec.get("model", {}), "seed": seed, "prior": prior}
     if spec["simulation"]["kind"] == "md":
         spec["simulation"]["seed"] = seed
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".", 1)
-        spec.setdefault(section, {})[key] = value
+    for dotted, value in overrides.items():  # SECTION.KEY or deeper, e.g. learner.query.samples
+        *path, key = dotted.split(".")
+        node = spec
+        for part in path:
+            node = node.setdefault(part, {})
+        node[key] = value
     spec["results"] = str(folder / "results")
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
