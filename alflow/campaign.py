@@ -188,10 +188,8 @@ def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any
 def refinement_anchor(store, campaign: Mapping) -> Atoms | None:
     """Relax with ``learner.refine_below``: the labelled structure to refine from (lowest oracle
     fmax, if below the threshold; see :mod:`alflow.refine`), else None."""
-    below = campaign["spec"]["learner"].get("refine_below")
-    if campaign["kind"] != "relax" or below is None:
-        return None
-    return refine.best_anchor(training_images(store, campaign), below)
+    below = campaign["spec"]["learner"].get("refine_below")  # the spec allows it for relax only
+    return None if below is None else refine.best_anchor(training_images(store, campaign), below)
 
 
 def run_simulation(
@@ -205,13 +203,13 @@ def run_simulation(
     spec, kind = campaign["spec"], campaign["kind"]
     start_images = starts or [structure_from_dict(s) for s in campaign["start_structures"]]
     settings = dict(spec["simulation"])
-    if kind == "relax" and anchor is not None:
-        begin = start_images[0].copy()  # the start's constraints, the anchor's positions
-        begin.positions = anchor.positions
-        calculator = refine.AnchoredCalculator(calculator_factory(), anchor)
-        return simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
     if kind == "relax":
-        return simulate.relax(start_images[0], calculator_factory(), simulate.RelaxSettings(**settings))
+        begin, calculator = start_images[0], calculator_factory()
+        if anchor is not None:
+            begin = begin.copy()  # the start's constraints, the anchor's positions
+            begin.positions = anchor.positions
+            calculator = refine.AnchoredCalculator(calculator, anchor)
+        return simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
     if kind == "neb":
         return simulate.neb(start_images[0], start_images[1], calculator_factory, simulate.NEBSettings(**settings))
     if settings.get("seed") is None:  # per-round seeds differ unless fixed

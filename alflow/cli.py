@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
 
 from ase.calculators.calculator import CalculatorError
-from pymongo.errors import PyMongoError
+from pymongo.errors import PyMongoError, ServerSelectionTimeoutError
 
 from alflow import oracles
 from alflow.model.morse import MorseParameters
@@ -302,8 +302,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _mongo_error(exc: Exception) -> str:
     """pymongo's message in one short line (a server-selection timeout lists the whole topology)."""
-    from pymongo.errors import ServerSelectionTimeoutError
-
     text = " ".join(str(exc).split())
     if isinstance(exc, ServerSelectionTimeoutError):
         return f"cannot reach the MongoDB server ({text.split(' (configured timeouts')[0].split(', Timeout')[0]})"

@@ -22,18 +22,16 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from alflow.constraints import free_mask
+from alflow.simulate import max_force
 
 
 def oracle_fmax(labelled: Atoms) -> float:
     """Largest per-atom oracle force norm over free atoms (eV/Å) of a labelled structure."""
-    forces = labelled.get_forces(apply_constraint=False)
-    norms = np.linalg.norm(forces, axis=1)[free_mask(labelled)]
-    return float(norms.max(initial=0.0))
+    return max_force(labelled.get_forces(apply_constraint=False), free_mask(labelled))
 
 
 def best_anchor(labelled: Iterable[Atoms], below: float) -> Atoms | None:

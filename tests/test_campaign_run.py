@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from ase.calculators.emt import EMT
@@ -21,7 +22,10 @@ from ase.io import read, write
 from bson import json_util
 
 from alflow.constraints import free_mask
+from alflow.refine import oracle_fmax
 from alflow.simulate import max_force
+from alflow.store.readonly import open_readonly
+from alflow.store.store import Store
 from alflow.systems import c_cu100, co_cu100, o_cu100_neb_endpoints
 
 TESTS = Path(__file__).parent
@@ -195,16 +199,9 @@ def test_neb_and_md_campaigns_run_and_report(tmp_path, kind):
         assert len([l for l in labels if l["iteration"] == 2]) <= 4
 
 
-
 def test_refinement_starts_each_round_at_the_best_label_matched_to_the_oracle(tmp_path):
     """``learner.refine_below``: a round's ML relaxation starts from the labelled structure with the
     lowest oracle fmax, and the model there gives exactly the oracle's energy and forces."""
-    import numpy as np
-
-    from alflow.refine import oracle_fmax
-    from alflow.store.readonly import open_readonly
-    from alflow.store.store import Store
-
     spec = relax_spec(tmp_path, "relax-refined", {"kind": "emt"}, rounds=2)
     raw = yaml.safe_load(spec.read_text())
     raw["learner"]["refine_below"] = 100.0  # anchored from round 1 on

@@ -7,20 +7,11 @@ import numpy as np
 import pytest
 from ase.calculators.calculator import all_changes
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from alflow import simulate
+from alflow.demo import emt_labelled as labelled
 from alflow.refine import AnchoredCalculator, best_anchor, oracle_fmax
 from alflow.systems import c_cu100
-
-
-def labelled(atoms):
-    """``atoms`` with EMT's energy and raw forces attached, as a label is."""
-    ref = atoms.copy()
-    ref.calc = EMT()
-    out = atoms.copy()
-    out.calc = SinglePointCalculator(out, energy=ref.get_potential_energy(), forces=ref.get_forces(apply_constraint=False))
-    return out
 
 
 def rattled(atoms, amplitude, seed):
