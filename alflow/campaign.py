@@ -299,6 +299,7 @@ def merge(
     checks = key_checks(store, campaign, key)
     if campaign["kind"] == "md" and errors["energy_mae"] is not None:
         checks["validation"] = {"energy_mae": errors["energy_mae"], "force_mae": errors["force_mae"]}
+        checks["simulation_complete"] = simulation_complete(store, name, iteration)
     if iteration == 0:  # the seed round only labels the start; the criteria apply from round 1 on
         ok = any(d["status"] == "ok" for _, d in records)
         decision = stop.StopDecision(not ok, False, "seed labels stored" if ok else
@@ -316,11 +317,19 @@ def merge(
                                      "labels' failure_class and reason)")
     store.record_iteration(
         name, iteration,
-        {**errors, **{k: v for k, v in checks.items() if k != "validation"}, "oracle_calls": paid,
-         "reused": len(reused), "failed": failed, "decision": decision.reason, "done": decision.done,
+        {**errors, **{k: v for k, v in checks.items() if k not in ("validation", "simulation_complete")},
+         "oracle_calls": paid, "reused": len(reused), "failed": failed, "decision": decision.reason, "done": decision.done,
          "converged": decision.converged},
     )
     return MergeOutcome(decision, paid, len(reused), failed, {**errors, **checks})
+
+
+def simulation_complete(store, name: str, iteration: int) -> bool | None:
+    """Whether the iteration's ML simulation ran to its end (its recorded metrics), None if unknown."""
+    for doc in store.iterations(name):
+        if doc["iteration"] == iteration:
+            return (doc.get("metrics") or {}).get("simulation_converged")
+    return None
 
 
 def prediction_errors(store, records: list[tuple[dict, dict]]) -> dict:

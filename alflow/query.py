@@ -13,7 +13,8 @@ pick order. Built-ins (:data:`STRATEGIES`):
 ``neb``
     the two endpoints of the band, the highest-energy interior image (the predicted saddle), and
     ``samples − 1`` further interior images by uncertainty when ``samples > 1``; so up to
-    ``max(samples, 1) + 2`` frames. Labelled endpoints are skipped.
+    ``max(samples, 1) + 2`` frames. Labelled endpoints are skipped. Option ``endpoints: initial``
+    labels only the initial state (a hop between equivalent sites).
 ``diversity``
     farthest-point sampling on ``ctx.features`` (Euclidean on standardised features), starting at
     the highest-uncertainty frame; each next pick maximises (min distance to the picks) ×
@@ -28,11 +29,12 @@ frames with the same structure in one query, any trajectory length (0, 1, 2 fram
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import numbers
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -173,13 +175,24 @@ def relax_final(ctx: QueryContext, samples: int) -> list[int]:
     return picks + _random(ctx, ctx.available(range(n - 1), exclude=[final]), samples)
 
 
-def neb(ctx: QueryContext, samples: int) -> list[int]:
+NEB_ENDPOINTS = ("both", "initial")
+
+
+def neb(ctx: QueryContext, samples: int, endpoints: str = "both") -> list[int]:
     """Endpoints + the highest-energy interior image (predicted saddle), plus ``samples − 1``
-    interior images by uncertainty when ``samples > 1``. Labelled images are skipped."""
+    interior images by uncertainty when ``samples > 1``. Labelled images are skipped.
+
+    ``endpoints="initial"`` labels the initial state only (the barrier is measured from it): for a
+    hop between equivalent sites the final state is the initial one translated, so its label
+    would teach the model nothing new.
+    """
+    if endpoints not in NEB_ENDPOINTS:
+        raise ValueError(f"endpoints must be one of {', '.join(NEB_ENDPOINTS)}, got {endpoints!r}")
     n = len(ctx.frames)
     if n == 0:
         return []
-    picks = [i for i in dict.fromkeys((0, n - 1)) if not ctx.is_labelled(i)]
+    ends = (0, n - 1) if endpoints == "both" else (0,)
+    picks = [i for i in dict.fromkeys(ends) if not ctx.is_labelled(i)]
     interior = list(range(1, n - 1))
     if interior:
         energies = [frame_energy(ctx.frames[i]) for i in interior]
@@ -269,6 +282,25 @@ def get_strategy(name: str) -> Strategy:
     if not callable(obj):
         raise ValueError(f"query strategy plug-in {name!r} is not callable ({type(obj).__name__})")
     return obj
+
+
+#: the values a built-in strategy's option may take
+OPTION_CHOICES: dict[str, dict[str, tuple]] = {"neb": {"endpoints": NEB_ENDPOINTS}}
+
+
+def option_error(name: str, options: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(option, why) for the first of ``options`` (spec ``learner.query`` keys beyond strategy and
+    samples) that strategy ``name`` does not take, or whose value a built-in refuses; else None."""
+    params = inspect.signature(get_strategy(name)).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    allowed = [k for k in list(params)[2:] if params[k].kind is not inspect.Parameter.VAR_KEYWORD]
+    for key, value in options.items():
+        if not takes_any and key not in allowed:
+            return key, f"not an option of query strategy {name!r} (options: {', '.join(allowed) or 'none'})"
+        choices = OPTION_CHOICES.get(name, {}).get(key)
+        if choices is not None and value not in choices:
+            return key, f"must be one of {', '.join(choices)}, got {value!r}"
+    return None
 
 
 def _as_index(value: Any, n: int, name: str) -> int:

@@ -290,6 +290,9 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
             check(strategy if key == "strategy" else samples)
         except ValueError as exc:
             raise SpecError(f"{_at(where + ('query', key))}: {exc}") from None
+    bad = query.option_error(strategy, q)
+    if bad is not None:
+        raise SpecError(f"{_at(where + ('query', bad[0]))}: {bad[1]}")
     learner["query"] = {"strategy": strategy, "samples": samples, "options": q}
     try:
         stop.StopCriteria.from_dict(learner["stop"], kind)

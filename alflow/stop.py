@@ -62,6 +62,9 @@ class StopState:
     saddle_energy_error: float | None = None  # neb: |E_ML − E_oracle| at the predicted saddle, eV
     barrier_error: float | None = None  # neb: error of the ML barrier vs the oracle on the same images, eV
     validation: Mapping[str, float] | None = None  # md: {"energy_mae": eV, "force_mae": eV/Å}
+    # md: whether this iteration's ML MD ran all its steps (None: not known); validation frames
+    # from a trajectory that stopped early do not stand for the whole run
+    simulation_complete: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -177,6 +180,8 @@ def _convergence(criteria: StopCriteria, state: StopState) -> tuple[bool | None,
     if state.kind == "md" and (criteria.energy_mae is not None or criteria.force_mae is not None):
         if state.validation is None:
             return False, "no validation this iteration"
+        if state.simulation_complete is False:
+            return False, "the ML MD stopped before its last step this iteration"
         parts, ok_all = [], True
         for key, unit in (("energy_mae", "eV"), ("force_mae", "eV/Å")):
             threshold = getattr(criteria, key)

@@ -2,14 +2,16 @@
 oracle run, over several seeds, with and without the Morse prior.
 
 Each campaign runs through ``alflow run`` (FireWorks on a fresh embedded store, one process per
-run) from the shipped spec in ``workflows/`` with ``model.seed`` (and the MD velocity seed) set
-per run. The direct run uses the same simulation settings with EMT as the calculator, in this
+run) from the shipped spec in ``workflows/`` with ``model.seed`` set per run (an MD round's
+velocity seed derives from it). The direct run uses the same simulation settings with EMT as the calculator, in this
 process. Metrics are the paper's (REFERENCE.md):
 
 - relax: oracle calls; energy error |E_ML(final) − E_EMT(direct minimum)|; structure error
   = mean over atoms of |Δx|+|Δy|+|Δz| between the campaign's and the direct minimum;
 - neb: oracle calls; barrier error of the ML band and of the oracle-labelled saddle;
-- md: oracle calls; the validation errors the campaign stopped on.
+- md: oracle calls; the validation errors the campaign stopped on, and the issue's metric: energy
+  and force MAE of the last ML trajectory (the model the campaign ended with, before its last
+  retraining) against the oracle on 400 of its frames drawn at random.
 
     python benchmarks/bench_campaigns.py relax --seeds 0 1 2 3 4 [--prior none] [--online]
     → table + benchmarks/results/campaign_<case>.json
@@ -32,10 +34,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 from ase.io import read, write
 
 from alflow import simulate
+from alflow.constraints import free_mask
 from alflow.metrics import barrier, structure_error
 from alflow.oracles import DFT_KINDS, cache_settings, calculator_factory, oracle_options
 from alflow.spec import load_spec
@@ -110,9 +114,7 @@ def spec_with(example: str, seed: int, prior: str, overrides: dict, folder: Path
     for f in (ROOT / "workflows").glob("*.traj"):
         shutil.copy(f, folder)
     spec = yaml.safe_load((ROOT / "workflows" / f"{example}.yaml").read_text())
-    spec["model"] = {**spec.get("model", {}), "seed": seed, "prior": prior}
-    if spec["simulation"]["kind"] == "md":
-        spec["simulation"]["seed"] = seed
+    spec["model"] = {**spec.get("model", {}), "seed": seed, "prior": prior}  # MD: each round's velocity seed follows
     for dotted, value in overrides.items():  # SECTION.KEY or deeper, e.g. learner.query.samples
         *path, key = dotted.split(".")
         node = spec
@@ -126,7 +128,28 @@ def spec_with(example: str, seed: int, prior: str, overrides: dict, folder: Path
 
 
 
-def run_campaign(example: str, seed: int, prior: str, overrides: dict) -> tuple[dict, float]:
+def validate_trajectory(path: str, start, oracle: dict, frames: int, seed: int) -> dict:
+    """Energy MAE (eV) and force MAE (eV/Å, components of free atoms) of an ML trajectory's
+    recorded predictions against the oracle, on ``frames`` of its frames drawn at random."""
+    trajectory = read(path, index=":")
+    rng = np.random.default_rng(seed)
+    picks = sorted(rng.choice(len(trajectory), size=min(frames, len(trajectory)), replace=False))
+    make, _ = counted_oracle(oracle)
+    calc, free = make(), free_mask(start)
+    e_err, f_err = [], []
+    for i in picks:
+        ml = trajectory[i]
+        atoms = start.copy()  # the start's constraints, the frame's positions
+        atoms.positions = ml.positions
+        atoms.calc = calc
+        e_err.append(abs(ml.get_potential_energy() - atoms.get_potential_energy()))
+        f_err.append(np.abs(ml.get_forces(apply_constraint=False) - atoms.get_forces(apply_constraint=False))[free])
+    return {"frames": len(picks), "of": len(trajectory), "energy_mae": float(np.mean(e_err)),
+            "force_mae": float(np.concatenate(f_err).mean())}
+
+
+def run_campaign(example: str, seed: int, prior: str, overrides: dict, validate: dict | None = None
+                 ) -> tuple[dict, float]:
     """One campaign in a fresh folder and store; returns (summary, wall seconds)."""
     with tempfile.TemporaryDirectory(prefix="alflow-bench-") as tmp:
         tmp = Path(tmp)
@@ -141,6 +164,8 @@ def run_campaign(example: str, seed: int, prior: str, overrides: dict) -> tuple[
         summary = json.loads((tmp / "results" / "summary.json").read_text())
         if "final_structure" in summary:
             summary["final_atoms"] = read(summary["final_structure"])
+        if validate and "trajectory" in summary:  # before the folder goes
+            summary["trajectory_validation"] = validate_trajectory(summary["trajectory"], seed=seed, **validate)
         return summary, wall
 
 
@@ -160,6 +185,10 @@ def metrics(kind: str, summary: dict, direct: dict) -> dict:
             out["barrier_error_oracle"] = abs(summary["barrier_oracle"] - direct["barrier"])
     if kind == "md":
         out.update({k: (summary.get("validation") or {}).get(k) for k in ("energy_mae", "force_mae")})
+        if "trajectory_validation" in summary:
+            tv = summary["trajectory_validation"]
+            out.update(trajectory_frames=tv["of"], validation_frames=tv["frames"],
+                       validation_energy_mae=tv["energy_mae"], validation_force_mae=tv["force_mae"])
     return out
 
 
@@ -175,7 +204,8 @@ def mean_std(values: list) -> str:
 def write_results(out: Path, args, example: str, overrides: dict, direct: dict, runs: list[dict]) -> dict:
     """The runs so far and their mean ± std, as JSON; returns the table."""
     keys = [k for k in ("oracle_calls", "energy_error", "structure_error", "barrier_error", "barrier_error_oracle",
-                        "energy_mae", "force_mae", "wall_s", "wall_ratio") if any(r.get(k) is not None for r in runs)]
+                        "energy_mae", "force_mae", "validation_energy_mae", "validation_force_mae", "wall_s",
+                        "wall_ratio") if any(r.get(k) is not None for r in runs)]
     table = {k: mean_std([r.get(k) for r in runs]) for k in keys}
     out.write_text(json.dumps({
         "case": args.case, "example": f"workflows/{example}.yaml", "prior": args.prior, "seeds": args.seeds,
@@ -209,7 +239,8 @@ def main() -> None:
     out = RESULTS / f"campaign_{args.case}{'_noprior' if args.prior == 'none' else ''}{'_' + args.tag if args.tag else ''}.json"
     runs = []
     for seed in args.seeds:  # the JSON is rewritten after every seed: a long run keeps what it measured
-        summary, wall = run_campaign(example, seed, args.prior, overrides)
+        validate = {"start": spec.images[0], "oracle": spec.oracle, "frames": 400} if spec.kind == "md" else None
+        summary, wall = run_campaign(example, seed, args.prior, overrides, validate)
         summary["wall_s"] = round(wall, 1)
         row = {"seed": seed, "wall_s": round(wall, 1), **metrics(spec.kind, summary, direct)}
         runs.append(row)

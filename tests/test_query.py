@@ -16,6 +16,7 @@ from alflow.query import (
     frame_energy,
     frame_uncertainty,
     get_strategy,
+    option_error,
     select,
 )
 from alflow.store.hashing import structure_hash
@@ -283,3 +284,20 @@ def test_context_validation():
         QueryContext(trajectory(2), "relaxation", rng=np.random.default_rng(0))
     with pytest.raises(TypeError):
         QueryContext(trajectory(2), "relax")  # rng required
+
+
+def test_neb_initial_endpoint_only():
+    e = np.array([0.0, 0.05, 0.3, 0.12, 0.01])
+    u = np.array([0.0, 0.4, 0.1, 0.2, 0.0])
+    frames = trajectory(5, energies=e, uncertainties=u)
+    assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial") == [0, 2]
+    assert select(ctx(frames, "neb"), "neb", 2, endpoints="initial") == [0, 2, 1]
+    with pytest.raises(ValueError, match="endpoints must be one of both, initial"):
+        select(ctx(frames, "neb"), "neb", 1, endpoints="final")
+
+
+def test_option_error_names_the_option():
+    assert option_error("neb", {"endpoints": "initial"}) is None
+    assert option_error("neb", {"endpoints": "final"}) == ("endpoints", "must be one of both, initial, got 'final'")
+    key, why = option_error("random", {"endpoints": "initial"})
+    assert key == "endpoints" and "not an option of query strategy 'random' (options: none)" in why

@@ -95,6 +95,8 @@ def test_neb_spec_needs_initial_and_final(folder):
         (dict(learner__kind="semi"), r"campaign.yaml: learner.kind: must be one of offline, online"),
         (dict(model__bootstrap=3), r"campaign.yaml: model.bootstrap: must be true or false, got 3"),
         (dict(learner__refine_below=0), r"campaign.yaml: learner.refine_below: must be a number > 0.0, got 0"),
+        (dict(learner__query={"strategy": "relax_final", "samples": 1, "endpoints": "initial"}),
+         r"campaign.yaml: learner.query.endpoints: not an option of query strategy 'relax_final'"),
         (dict(learner__kind="online", learner__refine_below=0.3),
          r"campaign.yaml: learner.refine_below: only offline relax campaigns refine"),
         (dict(model__morse_params={"Cu": {"De": 2.0, "re": 2.2, "a": -1.0}}),
@@ -126,3 +128,4 @@ def test_validation_writes_nothing(folder):
     with pytest.raises(SpecError):
         load_spec(spec_file(folder, edited(model__ensemble=0), "bad.yaml"))
     assert sorted(p.name for p in folder.iterdir()) == sorted(before + ["bad.yaml"])
+

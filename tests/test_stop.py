@@ -161,3 +161,12 @@ def test_state_validation():
         StopState(0, "relaxation", 0)
     with pytest.raises(ValueError, match="iteration"):
         StopState(-1, "relax", 0)
+
+
+def test_md_validation_counts_only_when_the_ml_md_ran_all_steps():
+    crit = StopCriteria(energy_mae=0.05, force_mae=0.04)
+    ok = {"energy_mae": 0.01, "force_mae": 0.01}
+    d = evaluate(crit, StopState(5, "md", 300, validation=ok, simulation_complete=False))
+    assert not d.done and "stopped before its last step" in d.reason
+    assert evaluate(crit, StopState(5, "md", 300, validation=ok, simulation_complete=True)).converged
+    assert evaluate(crit, StopState(5, "md", 300, validation=ok)).converged  # not known: the errors decide
