@@ -482,3 +482,13 @@ def test_trajectory_round_trip_keeps_positions_energies_forces(store, db):
         np.testing.assert_allclose(b.get_forces(apply_constraint=False), a.get_forces(apply_constraint=False), atol=1e-8)
         assert list(b.numbers) == list(a.numbers)
         assert sorted(b.constraints[0].index.tolist()) == [0, 1, 2, 3]
+
+
+def test_md_merge_reads_whether_the_rounds_ml_md_ran_to_its_end(store):
+    from alflow.campaign import simulation_complete
+
+    store.record_iteration("c", 1, {"simulation_converged": False, "simulation_steps": 37})
+    store.record_iteration("c", 2, {"simulation_converged": True})
+    store.record_iteration("c", 3, {"energy_mae": 0.1})  # merged, no simulation metrics
+    assert simulation_complete(store, "c", 1) is False and simulation_complete(store, "c", 2) is True
+    assert simulation_complete(store, "c", 3) is None and simulation_complete(store, "c", 4) is None
