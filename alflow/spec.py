@@ -278,10 +278,14 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
             "max_failures_per_iteration": (_integer(0), 3),
             # relax: refine from the best labelled structure once its oracle fmax (eV/Å) is below this
             "refine_below": (_optional(_number(0.0)), None),
+            # neb: Å; a band's initial state this close to a labelled structure borrows its label
+            "reuse_initial_within": (_optional(_number(0.0)), None),
         },
     )
     if learner["refine_below"] is not None and (kind != "relax" or learner["kind"] != "offline"):
         raise SpecError(f"{_at(where + ('refine_below',))}: only offline relax campaigns refine; remove it")
+    if learner["reuse_initial_within"] is not None and kind != "neb":
+        raise SpecError(f"{_at(where + ('reuse_initial_within',))}: NEB campaigns only; remove it")
     q = dict(learner["query"])
     strategy = q.pop("strategy", default_strategy)
     samples = q.pop("samples", 1)

@@ -398,7 +398,9 @@ def band_barriers(data: CampaignData) -> list[tuple[int, float, float | None]]:
         hashes = _frame_hashes(band, template)
         saddle = 1 + int(np.argmax(energies[1:-1])) if len(band) > 2 else int(np.argmax(energies))
         first, top = labels.get(hashes[0]), labels.get(hashes[saddle])
-        oracle = top.energy - first.energy if first is not None and top is not None else None
+        oracle = it.metrics.get("barrier_oracle")  # recorded by the merge (also for a reused initial state)
+        if oracle is None and first is not None and top is not None:
+            oracle = top.energy - first.energy
         out.append((it.number, barrier(energies), oracle))
     return out
 
@@ -419,8 +421,15 @@ def neb_figure(data: CampaignData, path: Path) -> Path:
     labels = _labels_by_hash(data)
     hits = [(xi, labels[h]) for xi, h in zip(x, _frame_hashes(band, template)) if h in labels]
     first = labels.get(_frame_hashes(band[:1], template)[0])
+    recorded = next((it.metrics.get("barrier_oracle") for it in data.iterations if it.number == number), None)
+    saddle = labels.get(_frame_hashes(band, template)[1 + int(np.argmax(energy[1:-1]))]) if len(band) > 2 else None
     if hits:
-        ref, what = (first.energy, "its initial image") if first is not None else (energy[0], "the ML initial image")
+        if first is not None:
+            ref, what = first.energy, "its initial image"
+        elif recorded is not None and saddle is not None:  # the initial state reused a nearby label
+            ref, what = saddle.energy - recorded, "the oracle's initial state"
+        else:
+            ref, what = energy[0], "the ML initial image"
         ax_p.scatter([xi for xi, _ in hits], [l.energy - ref for _, l in hits],
                      label=f"oracle at labelled images (relative to {what})", **ORACLE)
     ax_p.set(xlabel="reaction coordinate (Å)", ylabel="energy relative to the initial state (eV)",

@@ -1,0 +1,97 @@
+"""The Explore step's choice of what to label: NEB rounds reuse a labelled initial state nearby."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from ase.calculators.emt import EMT
+from ase.io import write
+
+from alflow import campaign as steps
+from alflow.oracles import compute_label
+from alflow.simulate import SimulationResult, snapshot
+from alflow.spec import load_spec
+from alflow.store import Store
+from alflow.systems import o_cu100_neb_endpoints
+
+mongomock = pytest.importorskip("mongomock")
+
+
+def seeded_neb(tmp_path, within: float | None):
+    initial, final = o_cu100_neb_endpoints()
+    write(tmp_path / "initial.traj", initial)
+    write(tmp_path / "final.traj", final)
+    learner = {"query": {"strategy": "neb", "samples": 1, "endpoints": "initial"},
+               "stop": {"energy_tol": 0.01, "barrier_tol": 0.01, "max_iterations": 5}}
+    if within is not None:
+        learner["reuse_initial_within"] = within
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "neb", "system": {"initial": "initial.traj", "final": "final.traj"},
+        "simulation": {"kind": "neb", "images": 1}, "oracle": {"kind": "emt"}, "learner": learner}))
+    spec = load_spec(tmp_path / "spec.yaml")
+    store = Store(mongomock.MongoClient()["alflow"])
+    steps.start(store, spec)
+    campaign = store.campaign("neb")
+    seeds = [c.to_dict() for c in steps.seed_candidates(campaign)]
+    steps.merge(store, campaign, 0, [{"candidate": c, "result": compute_label(steps.structure_from_dict(c["structure"]),
+                                                                              spec.oracle)} for c in seeds], [])
+    return store, store.campaign("neb"), initial, final
+
+
+def band_from(initial, final, moved: float) -> SimulationResult:
+    """A 3-structure band (EMT stands in for the model) whose initial state is the seed's, with
+    the O atom moved by ``moved`` Å along z."""
+    start = initial.copy()
+    start.positions[-1, 2] += moved
+    middle = initial.copy()
+    middle.positions = 0.5 * (initial.positions + final.positions)
+    band = []
+    for atoms in (start, middle, final.copy()):
+        atoms.calc = EMT()
+        band.append(snapshot(atoms))
+    return SimulationResult(frames=band, final=band[1], converged=True, steps=1, band=band)
+
+
+def test_initial_state_within_tolerance_borrows_the_label_with_a_first_order_shift(tmp_path):
+    store, campaign, initial, final = seeded_neb(tmp_path, within=0.01)
+    seed_hash = steps.structure_hash(initial)
+    result = band_from(initial, final, moved=0.004)
+    picks, key = steps.choose(store, campaign, result, 1)
+    assert [c.frame for c in picks] == [1]  # the saddle only: the initial state is not paid for
+    ref = key.prediction["initial"]
+    assert ref["hash"] == seed_hash and ref["reused_within"] == pytest.approx(0.004)
+    # the shifted seed energy stands for the oracle at the band's own initial state
+    exact = result.band[0].copy()
+    exact.calc = EMT()
+    seed = store.label(seed_hash, campaign["oracle_hash"])
+    assert abs(seed["energy"] + ref["oracle_energy_shift"] - exact.get_potential_energy()) < 2e-4
+    assert abs(ref["oracle_energy_shift"]) > 5e-4  # the correction mattered (seed not a minimum)
+    # merged: the round's oracle barrier is the saddle's label minus the shifted seed energy
+    saddle = picks[0]
+    computed = [{"candidate": saddle.to_dict(),
+                 "result": compute_label(steps.structure_from_dict(saddle.structure), {"kind": "emt"})}]
+    outcome = steps.merge(store, campaign, 1, computed, [], key.to_dict())
+    middle = result.band[1].copy()
+    middle.calc = EMT()
+    exact_barrier = middle.get_potential_energy() - exact.get_potential_energy()
+    assert outcome.metrics["barrier_oracle"] == pytest.approx(exact_barrier, abs=2e-4)
+    assert store.iterations("neb")[-1]["metrics"]["barrier_oracle"] == outcome.metrics["barrier_oracle"]
+    campaign = store.campaign("neb")
+    # beyond the tolerance, or without the option, the initial state is labelled
+    picks, key = steps.choose(store, campaign, band_from(initial, final, moved=0.05), 1)
+    assert [c.frame for c in picks] == [0] and key.prediction["initial"]["hash"] != seed_hash  # saddle labelled
+    store, campaign, initial, final = seeded_neb(tmp_path, within=None)
+    picks, _ = steps.choose(store, campaign, band_from(initial, final, moved=0.004), 1)
+    assert [c.frame for c in picks] == [0, 1]
+
+
+def test_reuse_initial_within_is_for_neb_only(tmp_path):
+    from alflow.spec import SpecError
+    from alflow.systems import c_cu100
+
+    write(tmp_path / "start.traj", c_cu100())
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "r", "system": {"structure": "start.traj"}, "simulation": {"kind": "relax"},
+        "oracle": {"kind": "emt"}, "learner": {"reuse_initial_within": 0.01, "stop": {"fmax": 0.05}}}))
+    with pytest.raises(SpecError, match=r"spec.yaml: learner.reuse_initial_within: NEB campaigns only"):
+        load_spec(tmp_path / "spec.yaml")
