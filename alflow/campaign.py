@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -234,12 +234,13 @@ def choose(
     labels not merged yet) and the round's key structure: the predicted minimum (relax) or saddle
     (neb), whose oracle label decides convergence."""
     frames = result.band if campaign["kind"] == "neb" else result.frames
-    labelled = {d["structure_hash"] for d in (store.label_by_id(i) for i in campaign["label_ids"]) if d}
+    docs = [d for d in (store.label_by_id(i) for i in campaign["label_ids"]) if d]
+    labelled = {d["structure_hash"] for d in docs}
     labelled.update(also_labelled)
     reference = None  # NEB: a labelled structure standing in for the band's initial state
     within = campaign["spec"]["learner"].get("reuse_initial_within")
     if campaign["kind"] == "neb" and within is not None and frames:
-        reference = nearest_label(store, campaign, frames[0], within)
+        reference = nearest_label(store, docs, frames[0], within)
         if reference is not None:
             labelled.add(structure_hash(frames[0]))  # not queried: the reference's label serves
     q = campaign["spec"]["learner"]["query"]
@@ -260,14 +261,14 @@ def choose(
     return [Candidate.of(frames[k], "query", k) for k in picks], key
 
 
-def nearest_label(store, campaign: Mapping, atoms: Atoms, within: float) -> dict | None:
-    """The campaign's successful label whose structure is closest to ``atoms`` (largest atomic
+def nearest_label(store, docs: Iterable[Mapping], atoms: Atoms, within: float) -> dict | None:
+    """The successful label among ``docs`` whose structure is closest to ``atoms`` (largest atomic
     displacement, minimum image), if that is at most ``within`` Å; else None. Added to the label
     document: ``displacement`` and ``energy_shift`` = −Σ F·Δx, the first-order change of the
     oracle energy from the label's structure to ``atoms`` (the rest is second order in Δx)."""
     best = None
-    for doc in (store.label_by_id(i) for i in campaign["label_ids"]):
-        if doc is None or doc["status"] != "ok":
+    for doc in docs:
+        if doc["status"] != "ok":
             continue
         other = store.label_atoms(doc)
         if len(other) != len(atoms) or (other.numbers != atoms.numbers).any():
@@ -278,6 +279,10 @@ def nearest_label(store, campaign: Mapping, atoms: Atoms, within: float) -> dict
             shift_energy = -float((np.asarray(doc["forces"]) * shift).sum())
             best = {**doc, "displacement": displacement, "energy_shift": shift_energy}
     return best
+
+
+#: the checks a merge hands to the stop criterion (the others, e.g. barrier_oracle, are only recorded)
+STOP_STATE_FIELDS = frozenset(f.name for f in fields(stop.StopState))
 
 
 @dataclass
@@ -338,7 +343,7 @@ def merge(
     else:
         state = stop.StopState(iteration=iteration - 1, kind=campaign["kind"],
                                oracle_calls=counters["oracle_calls"],
-                               **{k: v for k, v in checks.items() if k != "barrier_oracle"})
+                               **{k: v for k, v in checks.items() if k in STOP_STATE_FIELDS})
         criteria = stop.StopCriteria.from_dict(campaign["spec"]["learner"]["stop"], campaign["kind"])
         decision = stop.evaluate(criteria, state)
     broken = sum(doc["status"] == "failed" for _, doc in records)  # the oracle's failures, not rejections

@@ -383,6 +383,11 @@ def _reaction_coordinate(band: Sequence[Atoms]) -> np.ndarray:
     return np.array(d)
 
 
+def _saddle_index(energies) -> int:
+    """The band's highest-energy interior image (the predicted saddle); any image for a band of two."""
+    return 1 + int(np.argmax(energies[1:-1])) if len(energies) > 2 else int(np.argmax(energies))
+
+
 def band_barriers(data: CampaignData) -> list[tuple[int, float, float | None]]:
     """(iteration, ML barrier, oracle barrier at the same saddle and initial image or None) per round."""
     from alflow.metrics import barrier
@@ -396,8 +401,7 @@ def band_barriers(data: CampaignData) -> list[tuple[int, float, float | None]]:
             continue
         energies = [f.get_potential_energy() for f in band]
         hashes = _frame_hashes(band, template)
-        saddle = 1 + int(np.argmax(energies[1:-1])) if len(band) > 2 else int(np.argmax(energies))
-        first, top = labels.get(hashes[0]), labels.get(hashes[saddle])
+        first, top = labels.get(hashes[0]), labels.get(hashes[_saddle_index(energies)])
         oracle = it.metrics.get("barrier_oracle")  # recorded by the merge (also for a reused initial state)
         if oracle is None and first is not None and top is not None:
             oracle = top.energy - first.energy
@@ -422,7 +426,7 @@ def neb_figure(data: CampaignData, path: Path) -> Path:
     hits = [(xi, labels[h]) for xi, h in zip(x, _frame_hashes(band, template)) if h in labels]
     first = labels.get(_frame_hashes(band[:1], template)[0])
     recorded = next((it.metrics.get("barrier_oracle") for it in data.iterations if it.number == number), None)
-    saddle = labels.get(_frame_hashes(band, template)[1 + int(np.argmax(energy[1:-1]))]) if len(band) > 2 else None
+    saddle = labels.get(_frame_hashes(band, template)[_saddle_index(energy)])
     if hits:
         if first is not None:
             ref, what = first.energy, "its initial image"
