@@ -18,7 +18,7 @@ import json
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -186,30 +186,35 @@ def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any
     return pot, model_id
 
 
-def refinement_anchor(store, campaign: Mapping) -> Atoms | None:
-    """Relax with ``learner.refine_below``: the labelled structure to refine from (lowest oracle
-    fmax, if below the threshold; see :mod:`alflow.refine`), else None."""
-    below = campaign["spec"]["learner"].get("refine_below")  # the spec allows it for relax only
-    return None if below is None else refine.best_anchor(training_images(store, campaign), below)
+def refinement_anchors(store, campaign: Mapping) -> list[Atoms]:
+    """Relax with ``learner.refine_below``: the labelled structures the model is matched to, best
+    (lowest oracle fmax, the start of the relaxation) first: up to ``learner.refine_anchors`` of
+    them below the threshold (see :mod:`alflow.refine`); empty before any is."""
+    learner = campaign["spec"]["learner"]
+    below = learner.get("refine_below")  # the spec allows it for relax only
+    if below is None:
+        return []
+    return refine.best_anchors(training_images(store, campaign), below, learner.get("refine_anchors", 1))
 
 
 def run_simulation(
     calculator_factory: Callable[[], Calculator], campaign: Mapping, iteration: int, starts: list[Atoms] | None = None,
-    anchor: Atoms | None = None,
+    anchors: Sequence[Atoms] = (),
 ) -> simulate.SimulationResult:
     """The ML simulation of this round, from the starting structure(s) (or ``starts``);
     ``calculator_factory`` gives one calculator per NEB image (offline: ``potential.calculator``).
-    Relax with an ``anchor`` (:func:`refinement_anchor`): from the anchor, with the model matched to
-    the oracle there (:class:`alflow.refine.AnchoredCalculator`)."""
+    Relax with ``anchors`` (:func:`refinement_anchors`): from the first, with the model matched to
+    the oracle at all of them (:class:`alflow.refine.AnchoredCalculator`), to ``learner.refine_fmax``."""
     spec, kind = campaign["spec"], campaign["kind"]
     start_images = starts or [structure_from_dict(s) for s in campaign["start_structures"]]
     settings = dict(spec["simulation"])
     if kind == "relax":
         begin, calculator = start_images[0], calculator_factory()
-        if anchor is not None:
-            begin = begin.copy()  # the start's constraints, the anchor's positions
-            begin.positions = anchor.positions
-            calculator = refine.AnchoredCalculator(calculator, anchor)
+        if anchors:
+            begin = begin.copy()  # the start's constraints, the best anchor's positions
+            begin.positions = anchors[0].positions
+            calculator = refine.AnchoredCalculator(calculator, anchors[0], partners=anchors[1:])
+            settings["fmax"] = spec["learner"].get("refine_fmax") or settings["fmax"]
         return simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
     if kind == "neb":
         return simulate.neb(start_images[0], start_images[1], calculator_factory, simulate.NEBSettings(**settings))

@@ -16,11 +16,26 @@ and the relaxation starts from ``a``. The step is then a quasi-Newton step on th
 gradient, with the ML model supplying the curvature (what a GP optimiser such as ASE's GPMin gets
 from interpolating its data exactly). Replaying the saved models of that campaign, the anchored
 relaxation reached oracle fmax 0.027 eV/Å in round 11; the plain one needed until round 20.
+
+With more labelled structures near the minimum (``partners`` b), the correction also gets a
+symmetric linear term, as a quasi-Newton method updates its Hessian from gradient differences:
+
+    F'(x) = F_ML(x) + ΔF_a + C (x − x_a)
+    E'(x) = E_ML(x) + [E_oracle(a) − E_ML(a)] − ΔF_a · (x − x_a) − ½ (x − x_a)ᵀ C (x − x_a)
+
+built by Powell-symmetric-Broyden updates: each is the smallest (Frobenius) symmetric change for
+which F' matches the oracle's forces at a partner (C s_b = ΔF_b − ΔF_a, s_b = x_b − x_a). With
+one partner (the default: two anchors) F' is exact at both labels; with more, exact at the anchor
+and the first partner (updated last), while the others' matches are not kept exactly. The
+model's curvature error along the steps already taken is then corrected too. Replaying the relax example's saved models (seed 0, rounds 7–9), the two-anchor relaxation ended
+at oracle fmax 0.12, 0.023, 0.014 eV/Å where the one-anchor one ended at 0.21, 0.10, 0.015.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
+
+import numpy as np
 
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
@@ -34,30 +49,63 @@ def oracle_fmax(labelled: Atoms) -> float:
     return max_force(labelled.get_forces(apply_constraint=False), free_mask(labelled))
 
 
-def best_anchor(labelled: Iterable[Atoms], below: float) -> Atoms | None:
-    """The labelled structure with the lowest oracle fmax, if that is below ``below`` (eV/Å)."""
-    best = min(labelled, key=oracle_fmax, default=None)
-    return best if best is not None and oracle_fmax(best) < below else None
+def best_anchors(labelled: Iterable[Atoms], below: float, n: int = 1) -> list[Atoms]:
+    """Up to ``n`` labelled structures with the lowest oracle fmax below ``below`` (eV/Å), best first."""
+    ranked = sorted(((oracle_fmax(a), k, a) for k, a in enumerate(labelled)), key=lambda t: t[:2])
+    return [a for fmax, _, a in ranked[:n] if fmax < below]
 
 
 class AnchoredCalculator(Calculator):
     """``calculator`` shifted to match the oracle's energy and forces at ``anchor`` (see module doc).
 
-    ``anchor``: a labelled structure (energy and raw forces attached, e.g. a SinglePointCalculator).
-    Energy and forces are corrected; every other result of the inner calculator (the ensemble's
-    ``uncertainty``, ``energy_std``, ``forces_std``) is passed through unchanged.
+    ``anchor``: a labelled structure (energy and raw forces attached, e.g. a SinglePointCalculator);
+    ``partners``: further labelled structures of the same atoms whose oracle forces the corrected
+    model also matches, through the symmetric linear term C (module doc). Energy and forces are
+    corrected; every other result of the inner calculator (the ensemble's ``uncertainty``,
+    ``energy_std``, ``forces_std``) is passed through unchanged.
     """
 
-    def __init__(self, calculator: Calculator, anchor: Atoms, **kwargs):
+    def __init__(self, calculator: Calculator, anchor: Atoms, partners: Sequence[Atoms] = (), **kwargs):
         super().__init__(**kwargs)
         self.inner = calculator
         self.implemented_properties = list(dict.fromkeys(
             ["energy", "free_energy", "forces", *getattr(calculator, "implemented_properties", ())]))
         self.anchor_positions = anchor.positions.copy()
-        probe = anchor.copy()
-        probe.calc = calculator
-        self.force_shift = anchor.get_forces(apply_constraint=False) - probe.get_forces(apply_constraint=False)
-        self.energy_shift = anchor.get_potential_energy() - probe.get_potential_energy()
+        self.energy_shift, self.force_shift = self._errors(anchor)
+        # C = V K Vᵀ [3N, 3N], kept in low rank: V [3N, 2·partners], K [2·partners, 2·partners]
+        self._v = np.zeros((3 * len(anchor), 0))
+        self._k = np.zeros((0, 0))
+        for b in reversed(partners):  # each update matches its partner exactly: the first partner's last
+            self._secant_update(b)
+
+    def _errors(self, labelled: Atoms) -> tuple[float, np.ndarray]:
+        """E_oracle − E_ML and F_oracle − F_ML [N, 3] at a labelled structure."""
+        probe = labelled.copy()
+        probe.calc = self.inner
+        return (labelled.get_potential_energy() - probe.get_potential_energy(),
+                labelled.get_forces(apply_constraint=False) - probe.get_forces(apply_constraint=False))
+
+    def curvature(self, d: np.ndarray) -> np.ndarray:
+        """C d [3N] for a displacement d [3N] from the anchor."""
+        return self._v @ (self._k @ (self._v.T @ d))
+
+    def _secant_update(self, partner: Atoms) -> None:
+        """PSB update of C so that C s = y: s = x_b − x_a, y = ΔF_b − ΔF_a (on the atoms that moved)."""
+        if len(partner) != len(self.anchor_positions):
+            raise ValueError(f"partner has {len(partner)} atoms, the anchor {len(self.anchor_positions)}")
+        s = (partner.positions - self.anchor_positions).ravel()
+        ss = float(s @ s)
+        if ss < 1e-12:  # the anchor itself: nothing to learn
+            return
+        moved = np.repeat(np.abs(s.reshape(-1, 3)).sum(1) > 0, 3)  # fixed atoms' force errors: not ours
+        y = np.where(moved, (self._errors(partner)[1] - self.force_shift).ravel(), 0.0)
+        r = y - self.curvature(s)
+        m = self._k.shape[0]
+        k = np.zeros((m + 2, m + 2))
+        k[:m, :m] = self._k
+        k[m:, m:] = [[0.0, 1.0 / ss], [1.0 / ss, -float(s @ r) / ss**2]]  # (r sᵀ + s rᵀ)/ss − (sᵀr) s sᵀ/ss²
+        self._v = np.column_stack([self._v, r, s])
+        self._k = k
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
@@ -69,7 +117,10 @@ class AnchoredCalculator(Calculator):
         forces = inner.get_forces(apply_constraint=False)
         results = dict(self.inner.results)
         displacement = self.atoms.positions - self.anchor_positions
-        results["energy"] = energy + self.energy_shift - float((self.force_shift * displacement).sum())
+        d = displacement.ravel()
+        cd = self.curvature(d)
+        results["energy"] = (energy + self.energy_shift - float((self.force_shift * displacement).sum())
+                             - 0.5 * float(d @ cd))
         results["free_energy"] = results["energy"]
-        results["forces"] = forces + self.force_shift
+        results["forces"] = forces + self.force_shift + cd.reshape(-1, 3)
         self.results = results

@@ -12,6 +12,8 @@ anywhere while a spec is validated.
     learner:
       kind: offline                                 # offline | online (+ threshold: eV/Å)
       refine_below: 0.3                             # relax: refine from the best label below this fmax (eV/Å)
+      refine_anchors: 2                             # relax: ... matching the oracle at this many labels
+      refine_fmax: 0.01                             # relax: ... and relaxing the matched model to this fmax (eV/Å)
       query: {strategy: relax_final, samples: 1}
       stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol; md: energy_mae, force_mae
     report: {direct_oracle_calls: 31}               # optional: oracle calls of the direct run, for `alflow report`
@@ -278,12 +280,19 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
             "max_failures_per_iteration": (_integer(0), 3),
             # relax: refine from the best labelled structure once its oracle fmax (eV/Å) is below this
             "refine_below": (_optional(_number(0.0)), None),
+            # relax, refining: match the model to the oracle at this many of the best labels below it
+            "refine_anchors": (_integer(1), 2),
+            # relax, refining: the ML relaxation's fmax (eV/Å; default: simulation.fmax)
+            "refine_fmax": (_optional(_number(0.0)), None),
             # neb: Å; a band's initial state this close to a labelled structure borrows its label
             "reuse_initial_within": (_optional(_number(0.0)), None),
         },
     )
     if learner["refine_below"] is not None and (kind != "relax" or learner["kind"] != "offline"):
         raise SpecError(f"{_at(where + ('refine_below',))}: only offline relax campaigns refine; remove it")
+    for key in ("refine_anchors", "refine_fmax"):
+        if key in raw and learner["refine_below"] is None:
+            raise SpecError(f"{_at(where + (key,))}: applies only with learner.refine_below; set that or remove it")
     if learner["reuse_initial_within"] is not None and kind != "neb":
         raise SpecError(f"{_at(where + ('reuse_initial_within',))}: NEB campaigns only; remove it")
     q = dict(learner["query"])

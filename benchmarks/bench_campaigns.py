@@ -166,12 +166,25 @@ def run_campaign(example: str, seed: int, prior: str, overrides: dict, validate:
             summary["final_atoms"] = read(summary["final_structure"])
         if validate and "trajectory" in summary:  # before the folder goes
             summary["trajectory_validation"] = validate_trajectory(summary["trajectory"], seed=seed, **validate)
+        summary["rounds"] = round_metrics(tmp / "store", summary["campaign"])
         return summary, wall
+
+
+def round_metrics(store_dir: Path, name: str) -> list[dict]:
+    """Each round's recorded metrics (calls, the model's errors on its new labels, ...), rounded."""
+    from alflow.report.data import read_iterations
+    from alflow.store import Store
+    from alflow.store.readonly import open_readonly
+
+    store = Store(open_readonly(store_dir), create_indexes=False)
+    return [{k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in it.metrics.items()
+             if isinstance(v, (int, float))} for it in read_iterations(store, name, trajectories=False)]
 
 
 def metrics(kind: str, summary: dict, direct: dict) -> dict:
     out = {"converged": bool(summary.get("converged")), "oracle_calls": summary.get("oracle_calls"),
-           "iterations": summary.get("iterations"), "failed_labels": summary.get("failed_labels")}
+           "iterations": summary.get("iterations"), "failed_labels": summary.get("failed_labels"),
+           "rounds": summary.get("rounds")}
     if "error" in summary:  # the campaign did not finish: say why, in the row and the JSON
         out["error"] = summary["error"]
     if direct.get("wall_s") and summary.get("wall_s"):

@@ -205,6 +205,7 @@ def test_refinement_starts_each_round_at_the_best_label_matched_to_the_oracle(tm
     spec = relax_spec(tmp_path, "relax-refined", {"kind": "emt"}, rounds=2)
     raw = yaml.safe_load(spec.read_text())
     raw["learner"]["refine_below"] = 100.0  # anchored from round 1 on
+    raw["learner"]["refine_fmax"] = 0.005  # the anchored ML relaxation goes below simulation.fmax (0.03)
     spec.write_text(yaml.safe_dump(raw))
     proc = run_cli("run", spec.name, "--store", "store", cwd=tmp_path)
     assert proc.returncode in (0, 3), proc.stderr
@@ -218,8 +219,12 @@ def test_refinement_starts_each_round_at_the_best_label_matched_to_the_oracle(tm
         earlier = [a for (i, _), a in labels.items() if i < r["iteration"]]
         best = min(earlier, key=oracle_fmax)
         assert r["metrics"]["refined_from_fmax_oracle"] == pytest.approx(oracle_fmax(best))
+        assert r["metrics"]["refinement_anchors"] == min(2, len(earlier))  # the default: matched at two labels
         first = store.load_trajectory(r["files"]["trajectory"])[0]
         np.testing.assert_allclose(first.positions, best.positions, atol=1e-8)
         assert first.get_potential_energy() == pytest.approx(best.get_potential_energy(), abs=1e-8)
         np.testing.assert_allclose(first.get_forces(apply_constraint=False), best.get_forces(apply_constraint=False),
                                    atol=1e-8)
+        if r["metrics"]["simulation_converged"]:
+            last = store.load_trajectory(r["files"]["trajectory"])[-1]
+            assert max_force(last.get_forces(apply_constraint=False), free_mask(c_cu100())) <= 0.005

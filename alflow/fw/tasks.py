@@ -76,13 +76,14 @@ class ExploreTask(_StoreTask):
         i = self["iteration"]
         pot = store.load_model(fw_spec["model_id"])
         start = time.perf_counter()
-        anchor = steps.refinement_anchor(store, campaign)
-        result = steps.run_simulation(pot.calculator, campaign, i, anchor=anchor)
+        anchors = steps.refinement_anchors(store, campaign)
+        result = steps.run_simulation(pot.calculator, campaign, i, anchors=anchors)
         frames = result.band if campaign["kind"] == "neb" else result.frames
         trajectory = store.save_trajectory(frames, campaign["name"], i, campaign["kind"])
         sim = steps.simulation_metrics(result, time.perf_counter() - start)
-        if anchor is not None:  # refined from the best labelled structure: say from where
-            sim["refined_from_fmax_oracle"] = oracle_fmax(anchor)
+        if anchors:  # refined from the best labelled structure: say from where, matched at how many
+            sim["refined_from_fmax_oracle"] = oracle_fmax(anchors[0])
+            sim["refinement_anchors"] = len(anchors)
         store.record_iteration(campaign["name"], i, sim, trajectory=trajectory)
         candidates, key = steps.choose(store, campaign, result, i)
         to_compute, reused = steps.split_cached(store, campaign, candidates)
