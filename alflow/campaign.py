@@ -194,7 +194,8 @@ def refinement_anchors(store, campaign: Mapping) -> list[Atoms]:
     below = learner.get("refine_below")  # the spec allows it for relax only
     if below is None:
         return []
-    return refine.best_anchors(training_images(store, campaign), below, learner.get("refine_anchors", 1))
+    n = learner.get("refine_anchors", 1)  # a campaign stored before the key refines as it did: at one
+    return refine.best_anchors(training_images(store, campaign), below, n)
 
 
 def run_simulation(

@@ -27,8 +27,9 @@ built by Powell-symmetric-Broyden updates: each is the smallest (Frobenius) symm
 which F' matches the oracle's forces at a partner (C s_b = ΔF_b − ΔF_a, s_b = x_b − x_a). With
 one partner (the default: two anchors) F' is exact at both labels; with more, exact at the anchor
 and the first partner (updated last), while the others' matches are not kept exactly. The
-model's curvature error along the steps already taken is then corrected too. Replaying the relax example's saved models (seed 0, rounds 7–9), the two-anchor relaxation ended
-at oracle fmax 0.12, 0.023, 0.014 eV/Å where the one-anchor one ended at 0.21, 0.10, 0.015.
+model's curvature error along the steps already taken is then corrected too. Replaying the relax
+example's saved models (seed 0, rounds 7–9), the two-anchor relaxation ended at oracle fmax 0.12,
+0.023, 0.014 eV/Å where the one-anchor one ended at 0.21, 0.10, 0.015.
 """
 
 from __future__ import annotations
