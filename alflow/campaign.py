@@ -186,11 +186,20 @@ def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any
     return pot, model_id
 
 
-def refinement_anchors(store, campaign: Mapping) -> list[Atoms]:
-    """Relax with ``learner.refine_below``: the labelled structures the model is matched to, best
-    (lowest oracle fmax, the start of the relaxation) first: up to ``learner.refine_anchors`` of
-    them below the threshold (see :mod:`alflow.refine`); empty before any is."""
+def refinement_anchors(store, campaign: Mapping, calculator_factory: Callable[[], Calculator]) -> list[Atoms]:
+    """The labelled structures the round's model (``calculator_factory``) is matched to (see
+    :mod:`alflow.refine`).
+
+    Relax with ``learner.refine_below``: best (lowest oracle fmax, the start of the relaxation)
+    first, up to ``learner.refine_anchors`` of them below the threshold; empty before any is.
+    NEB with ``learner.match_within``: every successful label where the model's force error is at
+    most ``learner.match_max_error`` (each weighs in near the band only).
+    """
     learner = campaign["spec"]["learner"]
+    if campaign["kind"] == "neb":
+        if not learner.get("match_within"):
+            return []
+        return refine.well_fitted(training_images(store, campaign), calculator_factory(), learner["match_max_error"])
     below = learner.get("refine_below")  # the spec allows it for relax only
     if below is None:
         return []
@@ -205,7 +214,8 @@ def run_simulation(
     """The ML simulation of this round, from the starting structure(s) (or ``starts``);
     ``calculator_factory`` gives one calculator per NEB image (offline: ``potential.calculator``).
     Relax with ``anchors`` (:func:`refinement_anchors`): from the first, with the model matched to
-    the oracle at all of them (:class:`alflow.refine.AnchoredCalculator`), to ``learner.refine_fmax``."""
+    the oracle at all of them (:class:`alflow.refine.AnchoredCalculator`), to ``learner.refine_fmax``;
+    NEB with ``anchors``: every image's model matched near them (:class:`alflow.refine.MatchedCalculator`)."""
     spec, kind = campaign["spec"], campaign["kind"]
     start_images = starts or [structure_from_dict(s) for s in campaign["start_structures"]]
     settings = dict(spec["simulation"])
@@ -218,7 +228,12 @@ def run_simulation(
             settings["fmax"] = spec["learner"].get("refine_fmax") or settings["fmax"]
         return simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
     if kind == "neb":
-        return simulate.neb(start_images[0], start_images[1], calculator_factory, simulate.NEBSettings(**settings))
+        factory = calculator_factory
+        if anchors:  # the same corrections for every image: computed once, shared
+            within = spec["learner"]["match_within"]
+            matched = refine.MatchedCalculator(calculator_factory(), anchors, within)
+            factory = lambda: refine.MatchedCalculator.sharing(matched, calculator_factory())  # noqa: E731
+        return simulate.neb(start_images[0], start_images[1], factory, simulate.NEBSettings(**settings))
     if settings.get("seed") is None:  # per-round seeds differ unless fixed
         settings["seed"] = spec["model"]["seed"] + 7919 * iteration
     return simulate.md(start_images[0], calculator_factory(), simulate.MDSettings(**settings))
@@ -393,7 +408,7 @@ def prediction_errors(store, records: list[tuple[dict, dict]]) -> dict:
 
 
 def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
-    """Oracle checks of the predicted minimum (relax: fmax) or saddle (neb: |E_ML − E_oracle|)."""
+    """Oracle checks of the predicted minimum (relax: fmax) or saddle (neb: |E_ML − E_oracle|, fmax)."""
     if key is None:
         return {}
     doc = store.label(key["hash"], campaign["oracle_hash"])
@@ -402,7 +417,8 @@ def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
     if campaign["kind"] == "relax":
         atoms = store.label_atoms(doc)
         return {"final_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free_mask(atoms))}
-    checks = {"saddle_energy_error": abs(key["prediction"]["energy"] - doc["energy"])}
+    checks = {"saddle_energy_error": abs(key["prediction"]["energy"] - doc["energy"]),
+              "saddle_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free_mask(store.label_atoms(doc)))}
     initial = key["prediction"].get("initial")
     start = store.label(initial["hash"], campaign["oracle_hash"]) if initial else None
     if start is not None and start["status"] == "ok" and "energy" in initial["prediction"]:

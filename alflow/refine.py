@@ -1,4 +1,4 @@
-"""Oracle-matched refinement: the last mile of an active-learning relaxation.
+"""Oracle-matched refinement: the last mile of an active-learning relaxation (and NEB band).
 
 Near a minimum the ensemble's forces are accurate to ~0.01 eV/Å on average, but the stop test
 (oracle fmax ≤ 0.03 eV/Å at the predicted minimum) needs the largest error on any free atom to be
@@ -30,6 +30,9 @@ and the first partner (updated last), while the others' matches are not kept exa
 model's curvature error along the steps already taken is then corrected too. Replaying the relax
 example's saved models (seed 0, rounds 7–9), the two-anchor relaxation ended at oracle fmax 0.12,
 0.023, 0.014 eV/Å where the one-anchor one ended at 0.21, 0.10, 0.015.
+
+A NEB band's images sit between labels rather than next to one best label: there
+:class:`MatchedCalculator` blends every nearby label's first-order correction instead.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
+from ase.geometry import find_mic
 
 from alflow.constraints import free_mask
 from alflow.simulate import max_force
@@ -54,6 +58,22 @@ def best_anchors(labelled: Iterable[Atoms], below: float, n: int = 1) -> list[At
     """Up to ``n`` labelled structures with the lowest oracle fmax below ``below`` (eV/Å), best first."""
     ranked = sorted(((oracle_fmax(a), k, a) for k, a in enumerate(labelled)), key=lambda t: t[:2])
     return [a for fmax, _, a in ranked[:n] if fmax < below]
+
+
+def model_errors(labelled: Atoms, calculator: Calculator) -> tuple[float, np.ndarray]:
+    """E_oracle − E_model (eV) and F_oracle − F_model [N, 3] (eV/Å) at a labelled structure."""
+    probe = labelled.copy()
+    probe.calc = calculator
+    return (labelled.get_potential_energy() - probe.get_potential_energy(),
+            labelled.get_forces(apply_constraint=False) - probe.get_forces(apply_constraint=False))
+
+
+def well_fitted(labelled: Iterable[Atoms], calculator: Calculator, max_error: float) -> list[Atoms]:
+    """The labelled structures at which the model's force error is at most ``max_error`` (eV/Å,
+    largest per-atom norm over free atoms). Matching (:class:`MatchedCalculator`) is a first-order
+    patch for a model that is nearly right; where it is eV/Å off (an early round's bootstrap member
+    that never saw the label), the patch only moves the model's artefacts around."""
+    return [a for a in labelled if max_force(model_errors(a, calculator)[1], free_mask(a)) <= max_error]
 
 
 class AnchoredCalculator(Calculator):
@@ -80,11 +100,7 @@ class AnchoredCalculator(Calculator):
             self._secant_update(b)
 
     def _errors(self, labelled: Atoms) -> tuple[float, np.ndarray]:
-        """E_oracle − E_ML and F_oracle − F_ML [N, 3] at a labelled structure."""
-        probe = labelled.copy()
-        probe.calc = self.inner
-        return (labelled.get_potential_energy() - probe.get_potential_energy(),
-                labelled.get_forces(apply_constraint=False) - probe.get_forces(apply_constraint=False))
+        return model_errors(labelled, self.inner)
 
     def curvature(self, d: np.ndarray) -> np.ndarray:
         """C d [3N] for a displacement d [3N] from the anchor."""
@@ -124,4 +140,81 @@ class AnchoredCalculator(Calculator):
                              - 0.5 * float(d @ cd))
         results["free_energy"] = results["energy"]
         results["forces"] = forces + self.force_shift + cd.reshape(-1, 3)
+        self.results = results
+
+
+class MatchedCalculator(Calculator):
+    """``calculator`` matched to the oracle's energy and forces at every label near the structure.
+
+    For a NEB band, whose images sit between labels rather than next to one best label. Each label
+    ``i`` (positions x_i, oracle-minus-model errors δE_i and δF_i) gives a first-order correction
+    c_i(x) = δE_i − δF_i · (x − x_i); the corrections are blended by modified Shepard weights that
+    vanish beyond ``within`` (Å, the distance |x − x_i| over all 3N coordinates, minimum image):
+
+        u_i = (1 − d_i/R)² / d_i²   (d_i < R),     Δ(x) = Σ u_i c_i / (1/R² + Σ u_i)
+        E'(x) = E_ML(x) + Δ(x),       F'(x) = F_ML(x) − ∇Δ(x)
+
+    At a label the weight goes to one with zero gradient, so E' and F' equal the oracle's there;
+    halfway to R from a lone label the correction is half; beyond R from every label E' = E_ML.
+    ``labelled``: structures with the oracle's energy and raw forces attached (other atom counts or
+    species are ignored). The inner calculator's other results (``uncertainty`` …) pass through.
+    """
+
+    def __init__(self, calculator: Calculator, labelled: Sequence[Atoms], within: float, **kwargs):
+        super().__init__(**kwargs)
+        if within <= 0:
+            raise ValueError(f"within must be > 0 Å, got {within}")
+        self.inner = calculator
+        self.within = float(within)
+        self.implemented_properties = list(dict.fromkeys(
+            ["energy", "free_energy", "forces", *getattr(calculator, "implemented_properties", ())]))
+        self.labels: list[tuple[Atoms, float, np.ndarray]] = []  # (structure, δE, δF [N, 3])
+        for label in labelled:
+            de, df = model_errors(label, calculator)
+            self.labels.append((label, de, df))
+
+    @classmethod
+    def sharing(cls, other: "MatchedCalculator", calculator: Calculator) -> "MatchedCalculator":
+        """A calculator with ``other``'s labels and corrections around another instance of its model
+        (NEB: one per image) — the errors at the labels are not computed again."""
+        new = cls.__new__(cls)
+        Calculator.__init__(new)
+        new.inner, new.within, new.labels = calculator, other.within, other.labels
+        new.implemented_properties = other.implemented_properties
+        return new
+
+    def correction(self, atoms: Atoms) -> tuple[float, np.ndarray]:
+        """(Δ, −∇Δ [N, 3]) at ``atoms``: the energy and force corrections (eV, eV/Å)."""
+        r = self.within
+        terms = []  # (u, du/dd / d, c, δF, displacement)
+        for label, de, df in self.labels:
+            if len(label) != len(atoms) or (label.numbers != atoms.numbers).any():
+                continue
+            disp, _ = find_mic(atoms.positions - label.positions, atoms.cell, atoms.pbc)
+            d = float(np.linalg.norm(disp))
+            if d < 1e-9:  # on the label: the weight is exactly one
+                return de, df.copy()
+            if d >= r:
+                continue
+            t = 1.0 - d / r
+            u = t * t / (d * d)
+            du_over_d = (-2.0 * t / (r * d * d) - 2.0 * t * t / d**3) / d
+            terms.append((u, du_over_d, de - float((df * disp).sum()), df, disp))
+        if not terms:
+            return 0.0, np.zeros((len(atoms), 3))
+        total = 1.0 / r**2 + sum(u for u, *_ in terms)
+        delta = sum(u * c for u, _, c, _, _ in terms) / total
+        grad = sum(-u * df + (c - delta) * du * disp for u, du, c, df, disp in terms) / total
+        return delta, -grad
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        inner = self.atoms.copy()
+        inner.calc = self.inner
+        energy = inner.get_potential_energy()
+        forces = inner.get_forces(apply_constraint=False)
+        results = dict(self.inner.results)
+        delta, force = self.correction(self.atoms)
+        results["energy"] = results["free_energy"] = energy + delta
+        results["forces"] = forces + force
         self.results = results

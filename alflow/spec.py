@@ -14,6 +14,8 @@ anywhere while a spec is validated.
       refine_below: 0.3                             # relax: refine from the best label below this fmax (eV/Å)
       refine_anchors: 2                             # relax: ... matching the oracle at this many labels
       refine_fmax: 0.01                             # relax: ... and relaxing the matched model to this fmax (eV/Å)
+      match_within: 0.5                             # neb: match the band's model to the oracle near its labels (Å)
+      match_max_error: 1.0                          # neb: ... where its force error is at most this (eV/Å)
       query: {strategy: relax_final, samples: 1}
       stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol; md: energy_mae, force_mae
     report: {direct_oracle_calls: 31}               # optional: oracle calls of the direct run, for `alflow report`
@@ -141,6 +143,7 @@ SIMULATION_FIELDS: dict[str, dict[str, tuple[Callable, Any]]] = {
         "images": (_integer(1), 3),
         "climb": (_boolean, True),
         "fmax": (_number(0.0), 0.05),
+        "endpoint_fmax": (_optional(_number(0.0)), None),  # eV/Å, the endpoints' relaxation (default: fmax)
         "steps": (_integer(1), 500),
         "interpolation": (_choice("idpp", "linear"), "idpp"),
         "optimizer": (_choice("BFGS", "FIRE"), "BFGS"),
@@ -284,17 +287,25 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
             "refine_anchors": (_integer(1), 2),
             # relax, refining: the ML relaxation's fmax (eV/Å; default: simulation.fmax)
             "refine_fmax": (_optional(_number(0.0)), None),
+            # neb: Å; the band's model is matched to the oracle at the labels this close (3N distance)
+            "match_within": (_optional(_number(0.0)), None),
+            # neb, matching: ... where the model's force error there is at most this (eV/Å)
+            "match_max_error": (_number(0.0), 1.0),
             # neb: Å; a band's initial state this close to a labelled structure borrows its label
             "reuse_initial_within": (_optional(_number(0.0)), None),
         },
     )
     if learner["refine_below"] is not None and (kind != "relax" or learner["kind"] != "offline"):
         raise SpecError(f"{_at(where + ('refine_below',))}: only offline relax campaigns refine; remove it")
-    for key in ("refine_anchors", "refine_fmax"):
-        if key in raw and learner["refine_below"] is None:
-            raise SpecError(f"{_at(where + (key,))}: applies only with learner.refine_below; set that or remove it")
-    if learner["reuse_initial_within"] is not None and kind != "neb":
-        raise SpecError(f"{_at(where + ('reuse_initial_within',))}: NEB campaigns only; remove it")
+    for key, needs in (("refine_anchors", "refine_below"), ("refine_fmax", "refine_below"),
+                       ("match_max_error", "match_within")):
+        if key in raw and learner[needs] is None:
+            raise SpecError(f"{_at(where + (key,))}: applies only with learner.{needs}; set that or remove it")
+    for key in ("reuse_initial_within", "match_within"):
+        if learner[key] is not None and kind != "neb":
+            raise SpecError(f"{_at(where + (key,))}: NEB campaigns only; remove it")
+    if learner["match_within"] is not None and learner["kind"] != "offline":
+        raise SpecError(f"{_at(where + ('match_within',))}: offline NEB campaigns only; remove it")
     q = dict(learner["query"])
     strategy = q.pop("strategy", default_strategy)
     samples = q.pop("samples", 1)

@@ -8,7 +8,9 @@
   retrain late);
 - neb: |E_ML − E_oracle| at the predicted saddle ≤ ``energy_tol`` and/or the error of the ML
   barrier, |(E_ML(saddle) − E_ML(initial)) − (E_oracle(saddle) − E_oracle(initial))| on the same
-  two structures, ≤ ``barrier_tol`` (every one given);
+  two structures, ≤ ``barrier_tol``, and/or the ORACLE max force at the predicted saddle ≤
+  ``saddle_fmax`` (it is a stationary point of the oracle's surface too: matched energies alone
+  can pass on a band whose climbing image sits off the oracle's saddle) (every one given);
 - md: validation energy and/or force MAE ≤ ``energy_mae`` / ``force_mae`` (every one given).
 
 Budgets (``done=True, converged=False``): ``max_iterations`` = n gives exactly n query rounds
@@ -28,7 +30,7 @@ import numpy as np
 KINDS = ("relax", "neb", "md")
 
 # which kind each convergence criterion belongs to
-_CONVERGENCE_KIND = {"fmax": "relax", "energy_tol": "neb", "barrier_tol": "neb", "energy_mae": "md",
+_CONVERGENCE_KIND = {"fmax": "relax", "energy_tol": "neb", "barrier_tol": "neb", "saddle_fmax": "neb", "energy_mae": "md",
                      "force_mae": "md"}
 _BUDGETS = ("max_iterations", "max_oracle_calls")
 
@@ -61,6 +63,7 @@ class StopState:
     final_fmax_oracle: float | None = None  # relax: oracle max force at the predicted minimum (this iteration)
     saddle_energy_error: float | None = None  # neb: |E_ML − E_oracle| at the predicted saddle, eV
     barrier_error: float | None = None  # neb: error of the ML barrier vs the oracle on the same images, eV
+    saddle_fmax_oracle: float | None = None  # neb: oracle max force at the predicted saddle, eV/Å
     validation: Mapping[str, float] | None = None  # md: {"energy_mae": eV, "force_mae": eV/Å}
     # md: whether this iteration's ML MD ran all its steps (None: not known); validation frames
     # from a trajectory that stopped early do not stand for the whole run
@@ -90,6 +93,7 @@ class StopCriteria:
     fmax: float | None = None  # relax, eV/Å
     energy_tol: float | None = None  # neb, eV
     barrier_tol: float | None = None  # neb, eV
+    saddle_fmax: float | None = None  # neb, eV/Å
     energy_mae: float | None = None  # md, eV
     force_mae: float | None = None  # md, eV/Å
     max_oracle_calls: int | None = None
@@ -165,17 +169,19 @@ def _convergence(criteria: StopCriteria, state: StopState) -> tuple[bool | None,
             return False, "the predicted minimum has no oracle label this iteration"
         ok = value <= criteria.fmax  # NaN compares False
         return ok, f"oracle fmax {_g(value)} {'≤' if ok else '>'} {_g(criteria.fmax)} eV/Å at the predicted minimum"
-    if state.kind == "neb" and (criteria.energy_tol is not None or criteria.barrier_tol is not None):
+    neb = (("saddle energy error", state.saddle_energy_error, criteria.energy_tol, "eV"),
+           ("barrier error", state.barrier_error, criteria.barrier_tol, "eV"),
+           ("oracle fmax at the saddle", state.saddle_fmax_oracle, criteria.saddle_fmax, "eV/Å"))
+    if state.kind == "neb" and any(threshold is not None for _, _, threshold, _ in neb):
         parts, ok_all = [], True
-        for name, value, threshold in (("saddle energy error", state.saddle_energy_error, criteria.energy_tol),
-                                       ("barrier error", state.barrier_error, criteria.barrier_tol)):
+        for name, value, threshold, unit in neb:
             if threshold is None:
                 continue
             if value is None:
                 return False, f"no {name} this iteration (the saddle or the initial state lacks an oracle label)"
             ok = abs(value) <= threshold
             ok_all &= ok
-            parts.append(f"{name} {_g(abs(value))} {'≤' if ok else '>'} {_g(threshold)} eV")
+            parts.append(f"{name} {_g(abs(value))} {'≤' if ok else '>'} {_g(threshold)} {unit}")
         return ok_all, ", ".join(parts)
     if state.kind == "md" and (criteria.energy_mae is not None or criteria.force_mae is not None):
         if state.validation is None:

@@ -11,8 +11,8 @@ from ase.calculators.fd import calculate_numerical_forces
 
 from alflow import simulate
 from alflow.demo import emt_labelled as labelled
-from alflow.refine import AnchoredCalculator, best_anchors, oracle_fmax
-from alflow.systems import c_cu100
+from alflow.refine import AnchoredCalculator, MatchedCalculator, best_anchors, oracle_fmax
+from alflow.systems import c_cu100, o_cu100_neb_endpoints
 
 
 def rattled(atoms, amplitude, seed):
@@ -151,3 +151,77 @@ def test_a_second_anchor_corrects_the_models_curvature(slab):
 
         ratios.append(landing([b]) / landing([]))
     assert max(ratios) < 0.9 and min(ratios) < 0.5, ratios
+
+
+# ---------------------------------------------------------------------------------------------
+# MatchedCalculator: a NEB band's model matched to the oracle near every label
+
+
+def test_matched_model_is_the_oracle_at_every_label_and_the_model_far_away(slab):
+    labels = [labelled(rattled(slab, 0.05, seed=k)) for k in (11, 12, 13)]
+    calc = MatchedCalculator(Biased(), labels, within=0.5)
+    for label in labels:
+        probe = label.copy()
+        probe.calc = calc
+        assert probe.get_potential_energy() == pytest.approx(label.get_potential_energy(), abs=1e-10)
+        np.testing.assert_allclose(probe.get_forces(apply_constraint=False), label.get_forces(apply_constraint=False),
+                                   atol=1e-10)
+    far = slab.copy()
+    far.positions[-1, 2] += 1.0  # the carbon 1 Å higher: > 0.5 Å from every label
+    far.calc = calc
+    model = far.copy()
+    model.calc = Biased()
+    assert far.get_potential_energy() == model.get_potential_energy()
+    np.testing.assert_array_equal(far.get_forces(apply_constraint=False), model.get_forces(apply_constraint=False))
+
+
+def test_matched_forces_are_minus_the_energy_gradient_between_labels(slab):
+    a, b = labelled(rattled(slab, 0.05, seed=14)), labelled(rattled(slab, 0.05, seed=15))
+    atoms = slab.copy()
+    atoms.positions = 0.6 * a.positions + 0.4 * b.positions
+    calc = MatchedCalculator(Biased(), [a, b], within=1.0)
+    delta, _ = calc.correction(atoms)
+    assert abs(delta) > 1e-3  # both labels weigh in here
+    atoms.calc = calc
+    assert_forces_are_minus_the_energy_gradient(atoms)
+
+
+class Lifted(EMT):
+    """EMT plus a curvature error in the adsorbate's height: ½ k (z − z0)² on the last atom."""
+
+    def __init__(self, z0, k=0.3, **kwargs):
+        super().__init__(**kwargs)
+        self.z0, self.k = z0, k
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        dz = self.atoms.positions[-1, 2] - self.z0
+        self.results["energy"] += 0.5 * self.k * dz * dz
+        self.results["forces"] = self.results["forces"].copy()
+        self.results["forces"][-1, 2] -= self.k * dz
+        self.results["free_energy"] = self.results["energy"]
+
+
+def test_matching_moves_a_biased_models_saddle_onto_the_oracles():
+    """O hopping between hollow sites of Cu(100). A model that pulls the O towards 0.3 Å above the
+    oracle's saddle height (0.3 eV/Å², the same on either bridge) lowers the barrier by ~0.04 eV
+    and puts its climbing image off the oracle's saddle. Matched at the oracle's labels of a
+    loosely converged band (NEB fmax 0.3 eV/Å: near the path, not on it), the same model's
+    climbing image lands where the oracle's forces nearly vanish, and its barrier is the oracle's."""
+    initial, final = o_cu100_neb_endpoints()
+    settings = simulate.NEBSettings(images=3, climb=True, fmax=0.02)
+    exact = simulate.neb(initial, final, EMT, settings)
+    rough = simulate.neb(initial, final, EMT, simulate.NEBSettings(images=3, climb=True, fmax=0.3))
+    labels = [labelled(image) for image in rough.band]
+    z0 = exact.final.positions[-1, 2] + 0.3
+    plain = simulate.neb(initial, final, lambda: Lifted(z0), settings)
+    matched = simulate.neb(initial, final, lambda: MatchedCalculator(Lifted(z0), labels, within=0.5), settings)
+
+    def barrier(result):
+        return result.final.get_potential_energy() - result.band[0].get_potential_energy()
+
+    reference = labelled(exact.final).get_potential_energy() - labelled(exact.band[0]).get_potential_energy()
+    assert abs(barrier(plain) - reference) > 0.02
+    assert oracle_fmax(labelled(plain.final)) > 0.05
+    assert oracle_fmax(labelled(matched.final)) < 0.5 * oracle_fmax(labelled(plain.final))
+    assert abs(barrier(matched) - reference) < 0.005

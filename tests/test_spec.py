@@ -73,6 +73,22 @@ def test_neb_spec_needs_initial_and_final(folder):
         load_spec(spec_file(folder, data))
 
 
+def test_neb_band_matching_keys(folder):
+    data = edited(system={"initial": "initial.traj", "final": "final.traj"},
+                  simulation={"kind": "neb", "images": 3, "endpoint_fmax": 0.01},
+                  learner={"query": {"strategy": "neb"}, "stop": {"energy_tol": 0.01, "saddle_fmax": 0.1},
+                           "match_within": 0.5})
+    spec = load_spec(spec_file(folder, data))
+    assert spec.learner["match_within"] == 0.5 and spec.learner["match_max_error"] == 1.0
+    assert spec.simulation["endpoint_fmax"] == 0.01
+    for learner, message in (({"match_within": -0.5}, r"learner.match_within: must be a number > 0.0, got -0.5"),
+                             ({"match_within": 0.5, "match_max_error": 0}, r"learner.match_max_error: must be a number > 0.0"),
+                             ({"match_within": 0.5, "kind": "online"}, r"learner.match_within: offline NEB campaigns only")):
+        bad = {**data, "learner": {**data["learner"], **learner}}
+        with pytest.raises(SpecError, match="campaign.yaml: " + message):
+            load_spec(spec_file(folder, bad))
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -99,6 +115,10 @@ def test_neb_spec_needs_initial_and_final(folder):
         (dict(learner__refine_below=1.0, learner__refine_anchors=0),
          r"campaign.yaml: learner.refine_anchors: must be an integer >= 1, got 0"),
         (dict(learner__refine_fmax=0.01), r"campaign.yaml: learner.refine_fmax: applies only with learner.refine_below"),
+        (dict(learner__match_within=0.5), r"campaign.yaml: learner.match_within: NEB campaigns only"),
+        (dict(learner__match_max_error=1.0),
+         r"campaign.yaml: learner.match_max_error: applies only with learner.match_within"),
+        (dict(simulation__endpoint_fmax=0.01), r"campaign.yaml: simulation.endpoint_fmax: unknown key"),  # NEB only
         (dict(learner__query={"strategy": "relax_final", "samples": 1, "endpoints": "initial"}),
          r"campaign.yaml: learner.query.endpoints: not an option of query strategy 'relax_final'"),
         (dict(learner__kind="online", learner__refine_below=0.3),

@@ -107,6 +107,19 @@ def test_neb_barrier_tolerance_needs_both_errors_when_both_are_given():
         StopCriteria.from_dict({"barrier_tol": 0.01}, kind="relax")
 
 
+def test_neb_saddle_fmax_is_the_oracles_force_at_the_predicted_saddle():
+    """Matched energies can agree with the oracle's on a climbing image off its saddle: the oracle's
+    own forces there tell."""
+    crit = StopCriteria.from_dict({"energy_tol": 0.01, "saddle_fmax": 0.1}, kind="neb")
+    assert not evaluate(crit, StopState(1, "neb", 8, saddle_energy_error=0.001, saddle_fmax_oracle=0.3)).done
+    assert not evaluate(crit, StopState(1, "neb", 8, saddle_energy_error=0.001)).done
+    assert not evaluate(crit, StopState(1, "neb", 8, saddle_energy_error=0.02, saddle_fmax_oracle=0.05)).done
+    d = evaluate(crit, StopState(2, "neb", 11, saddle_energy_error=0.004, saddle_fmax_oracle=0.1))
+    assert d.converged and "oracle fmax at the saddle 0.1 ≤ 0.1 eV/Å" in d.reason
+    with pytest.raises(ValueError, match="saddle_fmax.*neb"):
+        StopCriteria.from_dict({"saddle_fmax": 0.1}, kind="relax")
+
+
 def test_md_validation_needs_every_given_threshold():
     crit = StopCriteria(energy_mae=0.05, force_mae=0.04)
     ok = {"energy_mae": 0.05, "force_mae": 0.039}

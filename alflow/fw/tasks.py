@@ -76,14 +76,16 @@ class ExploreTask(_StoreTask):
         i = self["iteration"]
         pot = store.load_model(fw_spec["model_id"])
         start = time.perf_counter()
-        anchors = steps.refinement_anchors(store, campaign)
+        anchors = steps.refinement_anchors(store, campaign, pot.calculator)
         result = steps.run_simulation(pot.calculator, campaign, i, anchors=anchors)
         frames = result.band if campaign["kind"] == "neb" else result.frames
         trajectory = store.save_trajectory(frames, campaign["name"], i, campaign["kind"])
         sim = steps.simulation_metrics(result, time.perf_counter() - start)
-        if anchors:  # refined from the best labelled structure: say from where, matched at how many
+        if anchors and campaign["kind"] == "relax":  # refined from the best label: from where, matched at how many
             sim["refined_from_fmax_oracle"] = oracle_fmax(anchors[0])
             sim["refinement_anchors"] = len(anchors)
+        elif anchors:  # a NEB band matched to the oracle near its labels
+            sim["matched_labels"] = len(anchors)
         store.record_iteration(campaign["name"], i, sim, trajectory=trajectory)
         candidates, key = steps.choose(store, campaign, result, i)
         to_compute, reused = steps.split_cached(store, campaign, candidates)
