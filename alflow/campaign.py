@@ -229,10 +229,10 @@ def run_simulation(
         return simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
     if kind == "neb":
         factory = calculator_factory
-        if anchors:  # the same corrections for every image: computed once, shared
-            within = spec["learner"]["match_within"]
-            matched = refine.MatchedCalculator(calculator_factory(), anchors, within)
-            factory = lambda: refine.MatchedCalculator.sharing(matched, calculator_factory())  # noqa: E731
+        if anchors:  # the model's errors at the labels: computed once, shared by the images
+            model, within = calculator_factory(), spec["learner"]["match_within"]
+            errors = [refine.model_errors(a, model) for a in anchors]
+            factory = lambda: refine.MatchedCalculator(calculator_factory(), anchors, within, errors)  # noqa: E731
         return simulate.neb(start_images[0], start_images[1], factory, simulate.NEBSettings(**settings))
     if settings.get("seed") is None:  # per-round seeds differ unless fixed
         settings["seed"] = spec["model"]["seed"] + 7919 * iteration

@@ -76,31 +76,51 @@ def well_fitted(labelled: Iterable[Atoms], calculator: Calculator, max_error: fl
     return [a for a in labelled if max_force(model_errors(a, calculator)[1], free_mask(a)) <= max_error]
 
 
-class AnchoredCalculator(Calculator):
-    """``calculator`` shifted to match the oracle's energy and forces at ``anchor`` (see module doc).
+class CorrectedCalculator(Calculator):
+    """A model plus a correction to its energy and forces (:meth:`correction`, in the subclasses);
+    every other result of the inner calculator (the ensemble's ``uncertainty``, ``energy_std``,
+    ``forces_std``) is passed through unchanged."""
 
-    ``anchor``: a labelled structure (energy and raw forces attached, e.g. a SinglePointCalculator);
-    ``partners``: further labelled structures of the same atoms whose oracle forces the corrected
-    model also matches, through the symmetric linear term C (module doc). Energy and forces are
-    corrected; every other result of the inner calculator (the ensemble's ``uncertainty``,
-    ``energy_std``, ``forces_std``) is passed through unchanged.
-    """
-
-    def __init__(self, calculator: Calculator, anchor: Atoms, partners: Sequence[Atoms] = (), **kwargs):
+    def __init__(self, calculator: Calculator, **kwargs):
         super().__init__(**kwargs)
         self.inner = calculator
         self.implemented_properties = list(dict.fromkeys(
             ["energy", "free_energy", "forces", *getattr(calculator, "implemented_properties", ())]))
+
+    def correction(self, atoms: Atoms) -> tuple[float, np.ndarray]:
+        """(energy correction (eV), force correction [N, 3] (eV/Å)) at ``atoms``."""
+        raise NotImplementedError
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        delta, force = self.correction(self.atoms)
+        inner = self.atoms.copy()
+        inner.calc = self.inner
+        energy = inner.get_potential_energy()
+        forces = inner.get_forces(apply_constraint=False)
+        results = dict(self.inner.results)
+        results["energy"] = results["free_energy"] = energy + delta
+        results["forces"] = forces + force
+        self.results = results
+
+
+class AnchoredCalculator(CorrectedCalculator):
+    """``calculator`` shifted to match the oracle's energy and forces at ``anchor`` (see module doc).
+
+    ``anchor``: a labelled structure (energy and raw forces attached, e.g. a SinglePointCalculator);
+    ``partners``: further labelled structures of the same atoms whose oracle forces the corrected
+    model also matches, through the symmetric linear term C (module doc).
+    """
+
+    def __init__(self, calculator: Calculator, anchor: Atoms, partners: Sequence[Atoms] = (), **kwargs):
+        super().__init__(calculator, **kwargs)
         self.anchor_positions = anchor.positions.copy()
-        self.energy_shift, self.force_shift = self._errors(anchor)
+        self.energy_shift, self.force_shift = model_errors(anchor, calculator)
         # C = V K Vᵀ [3N, 3N], kept in low rank: V [3N, 2·partners], K [2·partners, 2·partners]
         self._v = np.zeros((3 * len(anchor), 0))
         self._k = np.zeros((0, 0))
         for b in reversed(partners):  # each update matches its partner exactly: the first partner's last
             self._secant_update(b)
-
-    def _errors(self, labelled: Atoms) -> tuple[float, np.ndarray]:
-        return model_errors(labelled, self.inner)
 
     def curvature(self, d: np.ndarray) -> np.ndarray:
         """C d [3N] for a displacement d [3N] from the anchor."""
@@ -115,7 +135,7 @@ class AnchoredCalculator(Calculator):
         if ss < 1e-12:  # the anchor itself: nothing to learn
             return
         moved = np.repeat(np.abs(s.reshape(-1, 3)).sum(1) > 0, 3)  # fixed atoms' force errors: not ours
-        y = np.where(moved, (self._errors(partner)[1] - self.force_shift).ravel(), 0.0)
+        y = np.where(moved, (model_errors(partner, self.inner)[1] - self.force_shift).ravel(), 0.0)
         r = y - self.curvature(s)
         m = self._k.shape[0]
         k = np.zeros((m + 2, m + 2))
@@ -124,26 +144,17 @@ class AnchoredCalculator(Calculator):
         self._v = np.column_stack([self._v, r, s])
         self._k = k
 
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        if len(self.atoms) != len(self.anchor_positions):
-            raise ValueError(f"structure has {len(self.atoms)} atoms, the anchor {len(self.anchor_positions)}")
-        inner = self.atoms.copy()
-        inner.calc = self.inner
-        energy = inner.get_potential_energy()
-        forces = inner.get_forces(apply_constraint=False)
-        results = dict(self.inner.results)
-        displacement = self.atoms.positions - self.anchor_positions
+    def correction(self, atoms: Atoms) -> tuple[float, np.ndarray]:
+        if len(atoms) != len(self.anchor_positions):
+            raise ValueError(f"structure has {len(atoms)} atoms, the anchor {len(self.anchor_positions)}")
+        displacement = atoms.positions - self.anchor_positions
         d = displacement.ravel()
         cd = self.curvature(d)
-        results["energy"] = (energy + self.energy_shift - float((self.force_shift * displacement).sum())
-                             - 0.5 * float(d @ cd))
-        results["free_energy"] = results["energy"]
-        results["forces"] = forces + self.force_shift + cd.reshape(-1, 3)
-        self.results = results
+        energy = self.energy_shift - float((self.force_shift * displacement).sum()) - 0.5 * float(d @ cd)
+        return energy, self.force_shift + cd.reshape(-1, 3)
 
 
-class MatchedCalculator(Calculator):
+class MatchedCalculator(CorrectedCalculator):
     """``calculator`` matched to the oracle's energy and forces at every label near the structure.
 
     For a NEB band, whose images sit between labels rather than next to one best label. Each label
@@ -157,31 +168,19 @@ class MatchedCalculator(Calculator):
     At a label the weight goes to one with zero gradient, so E' and F' equal the oracle's there;
     halfway to R from a lone label the correction is half; beyond R from every label E' = E_ML.
     ``labelled``: structures with the oracle's energy and raw forces attached (other atom counts or
-    species are ignored). The inner calculator's other results (``uncertainty`` …) pass through.
+    species are ignored); ``errors``: their :func:`model_errors` for this model, when already known
+    (NEB: one calculator per image, the same model).
     """
 
-    def __init__(self, calculator: Calculator, labelled: Sequence[Atoms], within: float, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, calculator: Calculator, labelled: Sequence[Atoms], within: float,
+                 errors: Sequence[tuple[float, np.ndarray]] | None = None, **kwargs):
+        super().__init__(calculator, **kwargs)
         if within <= 0:
             raise ValueError(f"within must be > 0 Å, got {within}")
-        self.inner = calculator
         self.within = float(within)
-        self.implemented_properties = list(dict.fromkeys(
-            ["energy", "free_energy", "forces", *getattr(calculator, "implemented_properties", ())]))
-        self.labels: list[tuple[Atoms, float, np.ndarray]] = []  # (structure, δE, δF [N, 3])
-        for label in labelled:
-            de, df = model_errors(label, calculator)
-            self.labels.append((label, de, df))
-
-    @classmethod
-    def sharing(cls, other: "MatchedCalculator", calculator: Calculator) -> "MatchedCalculator":
-        """A calculator with ``other``'s labels and corrections around another instance of its model
-        (NEB: one per image) — the errors at the labels are not computed again."""
-        new = cls.__new__(cls)
-        Calculator.__init__(new)
-        new.inner, new.within, new.labels = calculator, other.within, other.labels
-        new.implemented_properties = other.implemented_properties
-        return new
+        if errors is None:
+            errors = [model_errors(label, calculator) for label in labelled]
+        self.labels = [(label, de, df) for label, (de, df) in zip(labelled, errors, strict=True)]  # δE, δF [N, 3]
 
     def correction(self, atoms: Atoms) -> tuple[float, np.ndarray]:
         """(Δ, −∇Δ [N, 3]) at ``atoms``: the energy and force corrections (eV, eV/Å)."""
@@ -206,15 +205,3 @@ class MatchedCalculator(Calculator):
         delta = sum(u * c for u, _, c, _, _ in terms) / total
         grad = sum(-u * df + (c - delta) * du * disp for u, du, c, df, disp in terms) / total
         return delta, -grad
-
-    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        inner = self.atoms.copy()
-        inner.calc = self.inner
-        energy = inner.get_potential_energy()
-        forces = inner.get_forces(apply_constraint=False)
-        results = dict(self.inner.results)
-        delta, force = self.correction(self.atoms)
-        results["energy"] = results["free_energy"] = energy + delta
-        results["forces"] = forces + force
-        self.results = results
