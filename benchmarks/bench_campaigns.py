@@ -13,7 +13,7 @@ process. Metrics are the paper's (REFERENCE.md):
   and force MAE of the last ML trajectory (the model the campaign ended with, before its last
   retraining) against the oracle on 400 of its frames drawn at random.
 
-    python benchmarks/bench_campaigns.py relax --seeds 0 1 2 3 4 [--prior none] [--online]
+    python benchmarks/bench_campaigns.py relax --seeds 0 1 2 3 4 [--prior none] [--jobs 2]
     → table + benchmarks/results/campaign_<case>.json
 
 ``relax_qe`` is the real-DFT case: the campaign of ``workflows/c_cu100_relax_qe.yaml`` vs a direct
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a spec key (YAML value), e.g. model.force_coefficient=0.3")
     ap.add_argument("--tag", help="suffix of the results file (runs with --set)")
+    ap.add_argument("--jobs", type=int, default=1, help="campaigns run at a time (wall times then share the machine)")
     ap.add_argument("--direct-only", action="store_true", help="only the direct run (DFT: kept for later runs)")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
@@ -251,14 +253,20 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"campaign_{args.case}{'_noprior' if args.prior == 'none' else ''}{'_' + args.tag if args.tag else ''}.json"
     runs = []
-    for seed in args.seeds:  # the JSON is rewritten after every seed: a long run keeps what it measured
-        validate = {"start": spec.images[0], "oracle": spec.oracle, "frames": 400} if spec.kind == "md" else None
+    validate = {"start": spec.images[0], "oracle": spec.oracle, "frames": 400} if spec.kind == "md" else None
+
+    def one(seed: int) -> dict:
         summary, wall = run_campaign(example, seed, args.prior, overrides, validate)
         summary["wall_s"] = round(wall, 1)
-        row = {"seed": seed, "wall_s": round(wall, 1), **metrics(spec.kind, summary, direct)}
-        runs.append(row)
-        print(json.dumps(row), flush=True)
-        table = write_results(out, args, example, overrides, direct, runs)
+        return {"seed": seed, "wall_s": round(wall, 1), **metrics(spec.kind, summary, direct)}
+
+    # --jobs N: N campaigns at a time (each its own process; wall times then share the machine).
+    # The JSON is rewritten after every seed: a long run keeps what it measured.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(one, args.seeds):
+            runs.append(row)
+            print(json.dumps(row), flush=True)
+            table = write_results(out, args, example, overrides, direct, runs)
     print(f"\n{args.case} (prior {args.prior}{', ' if overrides else ''}{args.set or ''}), {len(runs)} seeds, "
           f"{sum(r['converged'] for r in runs)} converged; direct oracle run: {direct['calls']} calls")
     for k, v in table.items():
