@@ -408,7 +408,8 @@ def prediction_errors(store, records: list[tuple[dict, dict]]) -> dict:
 
 
 def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
-    """Oracle checks of the predicted minimum (relax: fmax) or saddle (neb: |E_ML − E_oracle|, fmax)."""
+    """Oracle checks of the predicted minimum (relax: fmax) or saddle (neb: |E_ML − E_oracle|, fmax;
+    the barrier and the oracle's fmax at the band's initial state)."""
     if key is None:
         return {}
     doc = store.label(key["hash"], campaign["oracle_hash"])
@@ -426,6 +427,8 @@ def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
         start_energy = start["energy"] + initial.get("oracle_energy_shift", 0.0)  # a reused nearby label
         checks["barrier_oracle"] = doc["energy"] - start_energy
         checks["barrier_error"] = abs(ml - checks["barrier_oracle"])
+    if start is not None and start["status"] == "ok":  # a reused label within reuse_initial_within: its forces
+        checks["initial_fmax_oracle"] = simulate.max_force(np.asarray(start["forces"]), free_mask(store.label_atoms(start)))
     return checks
 
 

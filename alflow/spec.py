@@ -17,7 +17,7 @@ anywhere while a spec is validated.
       match_within: 0.5                             # neb: match the band's model to the oracle near its labels (Å)
       match_max_error: 1.0                          # neb: ... where its force error is at most this (eV/Å)
       query: {strategy: relax_final, samples: 1}
-      stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol; md: energy_mae, force_mae
+      stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol, saddle_fmax, initial_fmax; md: energy_mae, force_mae
     report: {direct_oracle_calls: 31}               # optional: oracle calls of the direct run, for `alflow report`
 """
 

@@ -10,7 +10,9 @@
   barrier, |(E_ML(saddle) − E_ML(initial)) − (E_oracle(saddle) − E_oracle(initial))| on the same
   two structures, ≤ ``barrier_tol``, and/or the ORACLE max force at the predicted saddle ≤
   ``saddle_fmax`` (it is a stationary point of the oracle's surface too: matched energies alone
-  can pass on a band whose climbing image sits off the oracle's saddle) (every one given);
+  can pass on a band whose climbing image sits off the oracle's saddle), and/or the ORACLE max
+  force at the band's initial state ≤ ``initial_fmax`` (the barrier is measured from a minimum
+  of the oracle's surface) (every one given);
 - md: validation energy and/or force MAE ≤ ``energy_mae`` / ``force_mae`` (every one given).
 
 Budgets (``done=True, converged=False``): ``max_iterations`` = n gives exactly n query rounds
@@ -30,8 +32,8 @@ import numpy as np
 KINDS = ("relax", "neb", "md")
 
 # which kind each convergence criterion belongs to
-_CONVERGENCE_KIND = {"fmax": "relax", "energy_tol": "neb", "barrier_tol": "neb", "saddle_fmax": "neb", "energy_mae": "md",
-                     "force_mae": "md"}
+_CONVERGENCE_KIND = {"fmax": "relax", "energy_tol": "neb", "barrier_tol": "neb", "saddle_fmax": "neb",
+                     "initial_fmax": "neb", "energy_mae": "md", "force_mae": "md"}
 _BUDGETS = ("max_iterations", "max_oracle_calls")
 
 
@@ -64,6 +66,7 @@ class StopState:
     saddle_energy_error: float | None = None  # neb: |E_ML − E_oracle| at the predicted saddle, eV
     barrier_error: float | None = None  # neb: error of the ML barrier vs the oracle on the same images, eV
     saddle_fmax_oracle: float | None = None  # neb: oracle max force at the predicted saddle, eV/Å
+    initial_fmax_oracle: float | None = None  # neb: oracle max force at the band's initial state, eV/Å
     validation: Mapping[str, float] | None = None  # md: {"energy_mae": eV, "force_mae": eV/Å}
     # md: whether this iteration's ML MD ran all its steps (None: not known); validation frames
     # from a trajectory that stopped early do not stand for the whole run
@@ -94,6 +97,7 @@ class StopCriteria:
     energy_tol: float | None = None  # neb, eV
     barrier_tol: float | None = None  # neb, eV
     saddle_fmax: float | None = None  # neb, eV/Å
+    initial_fmax: float | None = None  # neb, eV/Å
     energy_mae: float | None = None  # md, eV
     force_mae: float | None = None  # md, eV/Å
     max_oracle_calls: int | None = None
@@ -171,7 +175,8 @@ def _convergence(criteria: StopCriteria, state: StopState) -> tuple[bool | None,
         return ok, f"oracle fmax {_g(value)} {'≤' if ok else '>'} {_g(criteria.fmax)} eV/Å at the predicted minimum"
     neb = (("saddle energy error", state.saddle_energy_error, criteria.energy_tol, "eV"),
            ("barrier error", state.barrier_error, criteria.barrier_tol, "eV"),
-           ("oracle fmax at the saddle", state.saddle_fmax_oracle, criteria.saddle_fmax, "eV/Å"))
+           ("oracle fmax at the saddle", state.saddle_fmax_oracle, criteria.saddle_fmax, "eV/Å"),
+           ("oracle fmax at the initial state", state.initial_fmax_oracle, criteria.initial_fmax, "eV/Å"))
     if state.kind == "neb" and any(threshold is not None for _, _, threshold, _ in neb):
         parts, ok_all = [], True
         for name, value, threshold, unit in neb:

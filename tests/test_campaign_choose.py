@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
 from ase.calculators.emt import EMT
@@ -76,6 +77,9 @@ def test_initial_state_within_tolerance_borrows_the_label_with_a_first_order_shi
     exact_barrier = middle.get_potential_energy() - exact.get_potential_energy()
     assert outcome.metrics["barrier_oracle"] == pytest.approx(exact_barrier, abs=2e-4)
     assert store.iterations("neb")[-1]["metrics"]["barrier_oracle"] == outcome.metrics["barrier_oracle"]
+    # the oracle's fmax at the band's initial state: the borrowed label's (its forces, 0.004 Å away)
+    free = ~np.isin(np.arange(len(initial)), initial.constraints[0].index)
+    assert outcome.metrics["initial_fmax_oracle"] == pytest.approx(np.linalg.norm(seed["forces"], axis=1)[free].max())
     campaign = store.campaign("neb")
     # beyond the tolerance, or without the option, the initial state is labelled
     picks, key = steps.choose(store, campaign, band_from(initial, final, moved=0.05), 1)

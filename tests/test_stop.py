@@ -120,6 +120,19 @@ def test_neb_saddle_fmax_is_the_oracles_force_at_the_predicted_saddle():
         StopCriteria.from_dict({"saddle_fmax": 0.1}, kind="relax")
 
 
+def test_neb_initial_fmax_is_the_oracles_force_at_the_bands_initial_state():
+    """The barrier is measured from the band's initial state: with ``initial_fmax`` the oracle must
+    find it relaxed too, and a round without its label cannot converge."""
+    crit = StopCriteria.from_dict({"energy_tol": 0.01, "saddle_fmax": 0.1, "initial_fmax": 0.05}, kind="neb")
+    good = dict(saddle_energy_error=0.002, saddle_fmax_oracle=0.04)
+    assert not evaluate(crit, StopState(3, "neb", 9, **good, initial_fmax_oracle=0.2)).done
+    assert not evaluate(crit, StopState(3, "neb", 9, **good)).done
+    d = evaluate(crit, StopState(3, "neb", 9, **good, initial_fmax_oracle=0.03))
+    assert d.converged and "oracle fmax at the initial state 0.03 ≤ 0.05 eV/Å" in d.reason
+    with pytest.raises(ValueError, match="initial_fmax.*neb"):
+        StopCriteria.from_dict({"initial_fmax": 0.1}, kind="md")
+
+
 def test_md_validation_needs_every_given_threshold():
     crit = StopCriteria(energy_mae=0.05, force_mae=0.04)
     ok = {"energy_mae": 0.05, "force_mae": 0.039}
