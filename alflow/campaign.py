@@ -214,19 +214,31 @@ def run_simulation(
     """The ML simulation of this round, from the starting structure(s) (or ``starts``);
     ``calculator_factory`` gives one calculator per NEB image (offline: ``potential.calculator``).
     Relax with ``anchors`` (:func:`refinement_anchors`): from the first, with the model matched to
-    the oracle at all of them (:class:`alflow.refine.AnchoredCalculator`), to ``learner.refine_fmax``;
+    the oracle at all of them (:class:`alflow.refine.AnchoredCalculator`), to ``learner.refine_fmax``
+    (a relaxation that does not converge so is redone matched at the first alone; the result's
+    ``info["refinement_anchors"]`` says how many were used);
     NEB with ``anchors``: every image's model matched near them (:class:`alflow.refine.MatchedCalculator`)."""
     spec, kind = campaign["spec"], campaign["kind"]
     start_images = starts or [structure_from_dict(s) for s in campaign["start_structures"]]
     settings = dict(spec["simulation"])
     if kind == "relax":
-        begin, calculator = start_images[0], calculator_factory()
-        if anchors:
-            begin = begin.copy()  # the start's constraints, the best anchor's positions
-            begin.positions = anchors[0].positions
-            calculator = refine.AnchoredCalculator(calculator, anchors[0], partners=anchors[1:])
-            settings["fmax"] = spec["learner"].get("refine_fmax") or settings["fmax"]
-        return simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
+        if not anchors:
+            return simulate.relax(start_images[0], calculator_factory(), simulate.RelaxSettings(**settings))
+        begin = start_images[0].copy()  # the start's constraints, the best anchor's positions
+        begin.positions = anchors[0].positions
+        settings["fmax"] = spec["learner"].get("refine_fmax") or settings["fmax"]
+        calculator = refine.AnchoredCalculator(calculator_factory(), anchors[0], partners=anchors[1:])
+        result = simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
+        if not result.converged and len(anchors) > 1:
+            # a secant term from labels the model fits poorly can leave the matched surface without
+            # a minimum (a QE campaign ran away from the same two anchors for 16 rounds): as a
+            # quasi-Newton method drops a bad update, relax again matched at the best label alone
+            retry = simulate.relax(begin, refine.AnchoredCalculator(calculator_factory(), anchors[0]),
+                                   simulate.RelaxSettings(**settings))
+            retry.info["refinement_anchors"] = 1
+            return retry
+        result.info["refinement_anchors"] = len(anchors)
+        return result
     if kind == "neb":
         factory = calculator_factory
         if anchors:  # the model's errors at the labels: computed once, shared by the images

@@ -16,7 +16,7 @@ NVTBerendsen, Maxwell–Boltzmann velocities).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +149,7 @@ class SimulationResult:
     ``steps``: optimizer or MD steps taken (neb: of the band). ``band``: neb's final band with
     endpoints. ``seed``: md's seed actually used. ``stopped``: why the run ended early, when the
     calculator met an unphysical structure (atoms fused: an ML potential far from its data); the
-    frames recorded until then are kept and ``converged`` is False.
+    frames recorded until then are kept and ``converged`` is False. ``info``: the caller's notes.
     """
 
     frames: list[Atoms]
@@ -159,6 +159,7 @@ class SimulationResult:
     band: list[Atoms] | None = None
     seed: int | None = None
     stopped: str | None = None
+    info: dict = field(default_factory=dict)  # how the caller ran it (e.g. refinement_anchors)
 
 
 def _guarded(run: Callable[[], object]) -> str | None:

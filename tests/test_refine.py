@@ -225,3 +225,31 @@ def test_matching_moves_a_biased_models_saddle_onto_the_oracles():
     assert oracle_fmax(labelled(plain.final)) > 0.05
     assert oracle_fmax(labelled(matched.final)) < 0.5 * oracle_fmax(labelled(plain.final))
     assert abs(barrier(matched) - reference) < 0.005
+
+
+def test_a_refined_relaxation_that_runs_away_is_redone_at_the_best_label_alone(slab):
+    """A secant term built from a partner whose force errors differ wildly from the anchor's over a
+    short step (a model that fits neither label: the QE campaign that ran away from the same two
+    anchors for 16 rounds) gives the matched surface no minimum; the round then relaxes matched
+    at the best label alone, and says so."""
+    from alflow import campaign as steps
+
+    anchor = labelled(rattled(slab, 0.03, seed=21))
+    partner = anchor.copy()
+    partner.positions[-1] += (0.02, 0.0, 0.0)  # 0.02 Å apart, forces 5 eV/Å apart on every free atom
+    probe = partner.copy()
+    probe.calc = EMT()
+    forces = probe.get_forces(apply_constraint=False) + np.array([0.0, 5.0, 0.0])
+    partner.calc = type(anchor.calc)(partner, energy=probe.get_potential_energy(), forces=forces)
+    campaign = {"kind": "relax", "start_structures": [steps.structure_to_dict(slab)],
+                "spec": {"simulation": {"fmax": 0.03, "steps": 300}, "learner": {"refine_fmax": 0.01}}}
+    settings = simulate.RelaxSettings(fmax=0.01, steps=300)
+    wild = simulate.relax(anchor, AnchoredCalculator(EMT(), anchor, partners=[partner]), settings)
+    assert not wild.converged  # the two-anchor surface has no minimum to reach
+    result = steps.run_simulation(EMT, campaign, 3, anchors=[anchor, partner])
+    assert result.converged and result.info["refinement_anchors"] == 1
+    alone = simulate.relax(anchor, AnchoredCalculator(EMT(), anchor), settings)
+    np.testing.assert_allclose(result.final.positions, alone.final.positions, atol=1e-8)
+    assert oracle_fmax(labelled(result.final)) < 0.01 + 1e-9  # EMT is the model and the oracle here
+    good = steps.run_simulation(EMT, campaign, 3, anchors=[anchor, labelled(rattled(slab, 0.03, seed=22))])
+    assert good.converged and good.info["refinement_anchors"] == 2

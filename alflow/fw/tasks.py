@@ -83,7 +83,7 @@ class ExploreTask(_StoreTask):
         sim = steps.simulation_metrics(result, time.perf_counter() - start)
         if anchors and campaign["kind"] == "relax":  # refined from the best label: from where, matched at how many
             sim["refined_from_fmax_oracle"] = oracle_fmax(anchors[0])
-            sim["refinement_anchors"] = len(anchors)
+            sim["refinement_anchors"] = result.info["refinement_anchors"]
         elif anchors:  # a NEB band matched to the oracle near its labels
             sim["matched_labels"] = len(anchors)
         store.record_iteration(campaign["name"], i, sim, trajectory=trajectory)
