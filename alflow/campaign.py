@@ -227,14 +227,14 @@ def run_simulation(
         begin = start_images[0].copy()  # the start's constraints, the best anchor's positions
         begin.positions = anchors[0].positions
         settings["fmax"] = spec["learner"].get("refine_fmax") or settings["fmax"]
+        relax_settings = simulate.RelaxSettings(**settings)
         calculator = refine.AnchoredCalculator(calculator_factory(), anchors[0], partners=anchors[1:])
-        result = simulate.relax(begin, calculator, simulate.RelaxSettings(**settings))
+        result = simulate.relax(begin, calculator, relax_settings)
         if not result.converged and len(anchors) > 1:
             # a secant term from labels the model fits poorly can leave the matched surface without
             # a minimum (a QE campaign ran away from the same two anchors for 16 rounds): as a
             # quasi-Newton method drops a bad update, relax again matched at the best label alone
-            retry = simulate.relax(begin, refine.AnchoredCalculator(calculator_factory(), anchors[0]),
-                                   simulate.RelaxSettings(**settings))
+            retry = simulate.relax(begin, refine.AnchoredCalculator(calculator_factory(), anchors[0]), relax_settings)
             retry.info["refinement_anchors"] = 1
             return retry
         result.info["refinement_anchors"] = len(anchors)
@@ -427,11 +427,11 @@ def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
     doc = store.label(key["hash"], campaign["oracle_hash"])
     if doc is None or doc["status"] != "ok":
         return {}
+    free = free_mask(store.label_atoms(doc))  # the campaign's constraints: the same at the initial state
     if campaign["kind"] == "relax":
-        atoms = store.label_atoms(doc)
-        return {"final_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free_mask(atoms))}
+        return {"final_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free)}
     checks = {"saddle_energy_error": abs(key["prediction"]["energy"] - doc["energy"]),
-              "saddle_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free_mask(store.label_atoms(doc)))}
+              "saddle_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free)}
     initial = key["prediction"].get("initial")
     start = store.label(initial["hash"], campaign["oracle_hash"]) if initial else None
     if start is not None and start["status"] == "ok" and "energy" in initial["prediction"]:
@@ -440,7 +440,7 @@ def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
         checks["barrier_oracle"] = doc["energy"] - start_energy
         checks["barrier_error"] = abs(ml - checks["barrier_oracle"])
     if start is not None and start["status"] == "ok":  # a reused label within reuse_initial_within: its forces
-        checks["initial_fmax_oracle"] = simulate.max_force(np.asarray(start["forces"]), free_mask(store.label_atoms(start)))
+        checks["initial_fmax_oracle"] = simulate.max_force(np.asarray(start["forces"]), free)
     return checks
 
 
