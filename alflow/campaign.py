@@ -434,13 +434,15 @@ def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
               "saddle_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free)}
     initial = key["prediction"].get("initial")
     start = store.label(initial["hash"], campaign["oracle_hash"]) if initial else None
-    if start is not None and start["status"] == "ok" and "energy" in initial["prediction"]:
+    if start is None or start["status"] != "ok":
+        return checks
+    # the initial state's label, or a reused one within reuse_initial_within: its forces
+    checks["initial_fmax_oracle"] = simulate.max_force(np.asarray(start["forces"]), free)
+    if "energy" in initial["prediction"]:
         ml = key["prediction"]["energy"] - initial["prediction"]["energy"]
         start_energy = start["energy"] + initial.get("oracle_energy_shift", 0.0)  # a reused nearby label
         checks["barrier_oracle"] = doc["energy"] - start_energy
         checks["barrier_error"] = abs(ml - checks["barrier_oracle"])
-    if start is not None and start["status"] == "ok":  # a reused label within reuse_initial_within: its forces
-        checks["initial_fmax_oracle"] = simulate.max_force(np.asarray(start["forces"]), free)
     return checks
 
 
