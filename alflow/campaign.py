@@ -281,7 +281,11 @@ def choose(
         frames=frames, kind=campaign["kind"], labelled=labelled,
         rng=np.random.default_rng(campaign["spec"]["model"]["seed"] * 104729 + iteration),
     )
-    picks = query.select(ctx, q["strategy"], q["samples"], **q["options"])
+    options = dict(q["options"])
+    gap = campaign["spec"]["learner"]["stop"].get("endpoint_gap")
+    if q["strategy"] == "neb" and gap is not None:  # equivalent endpoints the model disagrees on: label both
+        options.setdefault("equivalent_within", gap)
+    picks = query.select(ctx, q["strategy"], q["samples"], **options)
     key = None  # a run stopped by an unphysical structure has no minimum / saddle to check
     if campaign["kind"] in ("relax", "neb") and not result.stopped:
         key = Candidate.of(result.final, "final")
@@ -291,6 +295,7 @@ def choose(
                 initial.update(hash=reference["structure_hash"], reused_within=reference["displacement"],
                                oracle_energy_shift=reference["energy_shift"])
             key.prediction["initial"] = initial
+            key.prediction["endpoint_gap"] = query.endpoint_gap(frames)
     return [Candidate.of(frames[k], "query", k) for k in picks], key
 
 
@@ -432,6 +437,8 @@ def key_checks(store, campaign: Mapping, key: Mapping | None) -> dict:
         return {"final_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free)}
     checks = {"saddle_energy_error": abs(key["prediction"]["energy"] - doc["energy"]),
               "saddle_fmax_oracle": simulate.max_force(np.asarray(doc["forces"]), free)}
+    if "endpoint_gap" in key["prediction"]:
+        checks["endpoint_gap"] = key["prediction"]["endpoint_gap"]
     initial = key["prediction"].get("initial")
     start = store.label(initial["hash"], campaign["oracle_hash"]) if initial else None
     if start is None or start["status"] != "ok":

@@ -178,20 +178,30 @@ def relax_final(ctx: QueryContext, samples: int) -> list[int]:
 NEB_ENDPOINTS = ("both", "initial")
 
 
-def neb(ctx: QueryContext, samples: int, endpoints: str = "both") -> list[int]:
+def endpoint_gap(band: Sequence[Atoms]) -> float:
+    """|E(final) − E(initial)| (eV) of a band's endpoints as recorded (NaN-safe: 0 without energies)."""
+    gap = abs(frame_energy(band[-1]) - frame_energy(band[0])) if len(band) > 1 else 0.0
+    return 0.0 if np.isnan(gap) else float(gap)
+
+
+def neb(ctx: QueryContext, samples: int, endpoints: str = "both", equivalent_within: float | None = None) -> list[int]:
     """Endpoints + the highest-energy interior image (predicted saddle), plus ``samples − 1``
     interior images by uncertainty when ``samples > 1``. Labelled images are skipped.
 
     ``endpoints="initial"`` labels the initial state only (the barrier is measured from it): for a
     hop between equivalent sites the final state is the initial one translated, so its label
-    would teach the model nothing new.
+    would teach the model nothing new. Unless the model's energies of the two endpoints differ
+    by more than ``equivalent_within`` (eV; None: never): the model is then wrong at one of
+    them, and the final state is labelled too (a campaign stopped on a band running downhill
+    into a spurious well at the unlabelled final state: barrier 0 instead of 0.13 eV).
     """
     if endpoints not in NEB_ENDPOINTS:
         raise ValueError(f"endpoints must be one of {', '.join(NEB_ENDPOINTS)}, got {endpoints!r}")
     n = len(ctx.frames)
     if n == 0:
         return []
-    ends = (0, n - 1) if endpoints == "both" else (0,)
+    ends = (0, n - 1) if endpoints == "both" or endpoint_gap(ctx.frames) > (
+        np.inf if equivalent_within is None else equivalent_within) else (0,)
     picks = [i for i in dict.fromkeys(ends) if not ctx.is_labelled(i)]
     interior = list(range(1, n - 1))
     if interior:
@@ -286,6 +296,7 @@ def get_strategy(name: str) -> Strategy:
 
 #: the values a built-in strategy's option may take
 OPTION_CHOICES: dict[str, dict[str, tuple]] = {"neb": {"endpoints": NEB_ENDPOINTS}}
+OPTION_NUMBERS: dict[str, tuple[str, ...]] = {"neb": ("equivalent_within",)}  # numbers >= 0
 
 
 def option_error(name: str, options: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -300,6 +311,9 @@ def option_error(name: str, options: Mapping[str, Any]) -> tuple[str, str] | Non
         choices = OPTION_CHOICES.get(name, {}).get(key)
         if choices is not None and value not in choices:
             return key, f"must be one of {', '.join(choices)}, got {value!r}"
+        if key in OPTION_NUMBERS.get(name, ()) and (
+                isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0):
+            return key, f"must be a number >= 0, got {value!r}"
     return None
 
 

@@ -17,7 +17,7 @@ anywhere while a spec is validated.
       match_within: 0.5                             # neb: match the band's model to the oracle near its labels (Å)
       match_max_error: 1.0                          # neb: ... where its force error is at most this (eV/Å)
       query: {strategy: relax_final, samples: 1}
-      stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol, saddle_fmax, initial_fmax; md: energy_mae, force_mae
+      stop: {fmax: 0.03, max_iterations: 20}        # neb: energy_tol, barrier_tol, saddle_fmax, initial_fmax, endpoint_gap; md: energy_mae, force_mae
     report: {direct_oracle_calls: 31}               # optional: oracle calls of the direct run, for `alflow report`
 """
 
@@ -318,6 +318,10 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
     if bad is not None:
         raise SpecError(f"{_at(where + ('query', bad[0]))}: {bad[1]}")
     learner["query"] = {"strategy": strategy, "samples": samples, "options": q}
+    if isinstance(learner["stop"], Mapping) and "endpoint_gap" in learner["stop"] and (
+            q.get("endpoints") != "initial" or learner["kind"] != "offline"):
+        raise SpecError(f"{_at(where + ('stop', 'endpoint_gap'))}: applies only to an offline NEB between equivalent "
+                        "endpoints (learner.query.endpoints: initial); set that or remove it")
     try:
         stop.StopCriteria.from_dict(learner["stop"], kind)
     except ValueError as exc:

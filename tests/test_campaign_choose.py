@@ -19,7 +19,7 @@ from alflow.systems import o_cu100_neb_endpoints
 mongomock = pytest.importorskip("mongomock")
 
 
-def seeded_neb(tmp_path, within: float | None):
+def seeded_neb(tmp_path, within: float | None, endpoint_gap: float | None = None):
     initial, final = o_cu100_neb_endpoints()
     write(tmp_path / "initial.traj", initial)
     write(tmp_path / "final.traj", final)
@@ -27,6 +27,8 @@ def seeded_neb(tmp_path, within: float | None):
                "stop": {"energy_tol": 0.01, "barrier_tol": 0.01, "max_iterations": 5}}
     if within is not None:
         learner["reuse_initial_within"] = within
+    if endpoint_gap is not None:
+        learner["stop"]["endpoint_gap"] = endpoint_gap
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
         "name": "neb", "system": {"initial": "initial.traj", "final": "final.traj"},
         "simulation": {"kind": "neb", "images": 1}, "oracle": {"kind": "emt"}, "learner": learner}))
@@ -99,4 +101,52 @@ def test_reuse_initial_within_is_for_neb_only(tmp_path):
         "name": "r", "system": {"structure": "start.traj"}, "simulation": {"kind": "relax"},
         "oracle": {"kind": "emt"}, "learner": {"reuse_initial_within": 0.01, "stop": {"fmax": 0.05}}}))
     with pytest.raises(SpecError, match=r"spec.yaml: learner.reuse_initial_within: NEB campaigns only"):
+        load_spec(tmp_path / "spec.yaml")
+
+
+def test_equivalent_endpoints_the_model_disagrees_on_are_both_labelled_and_hold_back_convergence(tmp_path):
+    """``learner.stop.endpoint_gap`` with ``endpoints: initial``: a band whose endpoint energies
+    differ by more than it labels the final state too, records the gap, and does not converge."""
+    store, campaign, initial, final = seeded_neb(tmp_path, within=None, endpoint_gap=0.01)
+    result = band_from(initial, final, moved=0.3)  # the initial state's O 0.3 Å up: energies apart
+    moved_final = result.band[-1].copy()  # a final state not labelled yet (the seeds are)
+    moved_final.positions[-1, 2] += 0.01
+    moved_final.calc = EMT()
+    result.band[-1] = result.frames[-1] = snapshot(moved_final)
+    gap = abs(result.band[0].get_potential_energy() - result.band[-1].get_potential_energy())
+    assert gap > 0.1
+    picks, key = steps.choose(store, campaign, result, 1)
+    assert sorted(c.frame for c in picks) == [0, 1, 2]  # the final state as well
+    assert key.prediction["endpoint_gap"] == pytest.approx(gap)
+    computed = [{"candidate": c.to_dict(), "result": compute_label(steps.structure_from_dict(c.structure),
+                                                                     {"kind": "emt"})} for c in picks]
+    outcome = steps.merge(store, campaign, 1, computed, [], key.to_dict())
+    assert outcome.metrics["endpoint_gap"] == pytest.approx(gap)
+    assert not outcome.decision.converged and "model energy gap between the endpoints" in outcome.decision.reason
+    # endpoints the model agrees on (the O translated by a surface lattice vector, hollow to
+    # hollow): the final state is left out, as before
+    result = band_from(initial, final, moved=0.02)
+    equivalent = result.band[0].copy()
+    equivalent.positions[-1, 0] += equivalent.cell[0, 0] / 2
+    equivalent.calc = EMT()
+    result.band[-1] = result.frames[-1] = snapshot(equivalent)
+    picks, key = steps.choose(store, store.campaign("neb"), result, 2)
+    assert [c.frame for c in picks] == [0] and key.prediction["endpoint_gap"] < 1e-6  # the saddle: labelled above
+
+
+@pytest.mark.parametrize("learner, message", [
+    ({"query": {"strategy": "neb", "samples": 1}}, "applies only to an offline NEB between equivalent endpoints"),
+    ({"kind": "online", "query": {"strategy": "neb", "samples": 1, "endpoints": "initial"}}, "applies only to"),
+])
+def test_endpoint_gap_needs_equivalent_endpoints_offline(tmp_path, learner, message):
+    from alflow.spec import SpecError
+
+    initial, final = o_cu100_neb_endpoints()
+    write(tmp_path / "initial.traj", initial)
+    write(tmp_path / "final.traj", final)
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "neb", "system": {"initial": "initial.traj", "final": "final.traj"},
+        "simulation": {"kind": "neb", "images": 1}, "oracle": {"kind": "emt"},
+        "learner": {**learner, "stop": {"energy_tol": 0.01, "endpoint_gap": 0.01}}}))
+    with pytest.raises(SpecError, match=rf"spec.yaml: learner.stop.endpoint_gap: {message}"):
         load_spec(tmp_path / "spec.yaml")

@@ -296,6 +296,21 @@ def test_neb_initial_endpoint_only():
         select(ctx(frames, "neb"), "neb", 1, endpoints="final")
 
 
+def test_neb_labels_the_final_state_too_when_the_models_endpoints_disagree():
+    """``endpoints: initial`` declares the endpoints equivalent; a model whose endpoint energies
+    differ by more than ``equivalent_within`` is wrong at one of them: the final state is labelled."""
+    e = np.array([0.0, 0.05, 0.3, 0.12, 0.02])
+    frames = trajectory(5, energies=e, uncertainties=np.zeros(5))
+    assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial") == [0, 2]
+    assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.03) == [0, 2]
+    assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.01) == [0, 4, 2]
+    assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.01,
+                  ) == select(ctx(frames, "neb"), "neb", 1)  # as with both endpoints
+    assert option_error("neb", {"equivalent_within": 0.01}) is None
+    assert option_error("neb", {"equivalent_within": -1}) == ("equivalent_within", "must be a number >= 0, got -1")
+    assert option_error("neb", {"equivalent_within": "small"})[0] == "equivalent_within"
+
+
 def test_option_error_names_the_option():
     assert option_error("neb", {"endpoints": "initial"}) is None
     assert option_error("neb", {"endpoints": "final"}) == ("endpoints", "must be one of both, initial, got 'final'")

@@ -133,6 +133,21 @@ def test_neb_initial_fmax_is_the_oracles_force_at_the_bands_initial_state():
         StopCriteria.from_dict({"initial_fmax": 0.1}, kind="md")
 
 
+def test_neb_endpoint_gap_holds_back_a_band_running_downhill():
+    """Equivalent endpoints (the final state never labelled): every oracle test can pass at a
+    'saddle' next to the initial state on a band that runs 1.4 eV downhill into a spurious well
+    at the final state (measured); the model's endpoint energies must then agree too."""
+    crit = StopCriteria.from_dict({"energy_tol": 0.01, "barrier_tol": 0.01, "saddle_fmax": 0.1,
+                                   "endpoint_gap": 0.01}, kind="neb")
+    good = dict(saddle_energy_error=0.0017, barrier_error=0.0006, saddle_fmax_oracle=0.069)
+    d = evaluate(crit, StopState(11, "neb", 25, **good, endpoint_gap=1.406))
+    assert not d.done and "model energy gap between the endpoints 1.406 > 0.01 eV" in d.reason
+    assert not evaluate(crit, StopState(11, "neb", 25, **good)).done  # not known: not converged
+    assert evaluate(crit, StopState(11, "neb", 25, **good, endpoint_gap=0.004)).converged
+    with pytest.raises(ValueError, match="endpoint_gap.*neb"):
+        StopCriteria.from_dict({"endpoint_gap": 0.01}, kind="relax")
+
+
 def test_md_validation_needs_every_given_threshold():
     crit = StopCriteria(energy_mae=0.05, force_mae=0.04)
     ok = {"energy_mae": 0.05, "force_mae": 0.039}
