@@ -200,8 +200,8 @@ def neb(ctx: QueryContext, samples: int, endpoints: str = "both", equivalent_wit
     n = len(ctx.frames)
     if n == 0:
         return []
-    ends = (0, n - 1) if endpoints == "both" or endpoint_gap(ctx.frames) > (
-        np.inf if equivalent_within is None else equivalent_within) else (0,)
+    disagree = equivalent_within is not None and endpoint_gap(ctx.frames) > equivalent_within
+    ends = (0, n - 1) if endpoints == "both" or disagree else (0,)
     picks = [i for i in dict.fromkeys(ends) if not ctx.is_labelled(i)]
     interior = list(range(1, n - 1))
     if interior:
