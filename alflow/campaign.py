@@ -282,9 +282,9 @@ def choose(
         rng=np.random.default_rng(campaign["spec"]["model"]["seed"] * 104729 + iteration),
     )
     options = dict(q["options"])
-    gap = campaign["spec"]["learner"]["stop"].get("endpoint_gap")
-    if q["strategy"] == "neb" and gap is not None:  # equivalent endpoints the model disagrees on: label both
-        options.setdefault("equivalent_within", gap)
+    tolerance = campaign["spec"]["learner"]["stop"].get("endpoint_gap")
+    if q["strategy"] == "neb" and tolerance is not None:  # equivalent endpoints the model disagrees on: label both
+        options.setdefault("equivalent_within", tolerance)
     picks = query.select(ctx, q["strategy"], q["samples"], **options)
     key = None  # a run stopped by an unphysical structure has no minimum / saddle to check
     if campaign["kind"] in ("relax", "neb") and not result.stopped:
@@ -295,7 +295,9 @@ def choose(
                 initial.update(hash=reference["structure_hash"], reused_within=reference["displacement"],
                                oracle_energy_shift=reference["energy_shift"])
             key.prediction["initial"] = initial
-            key.prediction["endpoint_gap"] = query.endpoint_gap(frames)
+            gap = query.endpoint_gap(frames)
+            if np.isfinite(gap):  # unknown: the stop test has no gap, so the round cannot converge on it
+                key.prediction["endpoint_gap"] = gap
     return [Candidate.of(frames[k], "query", k) for k in picks], key
 
 

@@ -179,9 +179,8 @@ NEB_ENDPOINTS = ("both", "initial")
 
 
 def endpoint_gap(band: Sequence[Atoms]) -> float:
-    """|E(final) − E(initial)| (eV) of a band's endpoints as recorded (NaN-safe: 0 without energies)."""
-    gap = abs(frame_energy(band[-1]) - frame_energy(band[0])) if len(band) > 1 else 0.0
-    return 0.0 if np.isnan(gap) else float(gap)
+    """|E(final) − E(initial)| (eV) of a band's endpoints as recorded; NaN when an energy is."""
+    return float(abs(frame_energy(band[-1]) - frame_energy(band[0]))) if len(band) > 1 else 0.0
 
 
 def neb(ctx: QueryContext, samples: int, endpoints: str = "both", equivalent_within: float | None = None) -> list[int]:
@@ -200,7 +199,8 @@ def neb(ctx: QueryContext, samples: int, endpoints: str = "both", equivalent_wit
     n = len(ctx.frames)
     if n == 0:
         return []
-    disagree = equivalent_within is not None and endpoint_gap(ctx.frames) > equivalent_within
+    # not known to agree (a NaN energy included): label both
+    disagree = equivalent_within is not None and not endpoint_gap(ctx.frames) <= equivalent_within
     ends = (0, n - 1) if endpoints == "both" or disagree else (0,)
     picks = [i for i in dict.fromkeys(ends) if not ctx.is_labelled(i)]
     interior = list(range(1, n - 1))

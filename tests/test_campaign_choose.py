@@ -132,6 +132,10 @@ def test_equivalent_endpoints_the_model_disagrees_on_are_both_labelled_and_hold_
     result.band[-1] = result.frames[-1] = snapshot(equivalent)
     picks, key = steps.choose(store, store.campaign("neb"), result, 2)
     assert [c.frame for c in picks] == [0] and key.prediction["endpoint_gap"] < 1e-6  # the saddle: labelled above
+    # a final-state energy that is not a number: the final state is labelled and no gap recorded
+    result.band[-1].calc.results["energy"] = float("nan")
+    picks, key = steps.choose(store, store.campaign("neb"), result, 2)
+    assert [c.frame for c in picks] == [0, 2] and "endpoint_gap" not in key.prediction
 
 
 @pytest.mark.parametrize("learner, message", [

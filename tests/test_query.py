@@ -306,6 +306,9 @@ def test_neb_labels_the_final_state_too_when_the_models_endpoints_disagree():
     assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.01) == [0, 4, 2]
     assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.01,
                   ) == select(ctx(frames, "neb"), "neb", 1)  # as with both endpoints
+    e[-1] = np.nan  # a model energy that is not a number: not known to agree
+    frames = trajectory(5, energies=e, uncertainties=np.zeros(5))
+    assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.03) == [0, 4, 2]
     assert option_error("neb", {"equivalent_within": 0.01}) is None
     assert option_error("neb", {"equivalent_within": -1}) == ("equivalent_within", "must be a number >= 0, got -1")
     assert option_error("neb", {"equivalent_within": "small"})[0] == "equivalent_within"
