@@ -23,6 +23,7 @@ anywhere while a spec is validated.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,8 @@ def _integer(lo: int | None = None) -> Callable[[Any], int]:
 def _number(lo: float | None = None, strict: bool = True) -> Callable[[Any], float]:
     def check(v):
         bad = isinstance(v, bool) or not isinstance(v, (int, float))
+        if not bad and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v!r}")
         if not bad and lo is not None:
             bad = v <= lo if strict else v < lo
         if bad:
@@ -312,7 +315,7 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
     for key, check in (("strategy", query.get_strategy), ("samples", _integer(0))):
         try:
             check(strategy if key == "strategy" else samples)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise SpecError(f"{_at(where + ('query', key))}: {exc}") from None
     bad = query.option_error(strategy, q)
     if bad is not None:
