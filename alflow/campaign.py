@@ -28,7 +28,7 @@ from ase.io import write
 
 from alflow import metrics, query, refine, simulate, stop
 from alflow.model import DeltaPotential, TrainingSettings
-from alflow.oracles import cache_settings
+from alflow.oracles import cache_settings, failures
 from alflow.constraints import free_mask
 from alflow.spec import CampaignSpec
 from alflow.store.documents import atoms_from_document, configuration_document
@@ -75,11 +75,12 @@ class Candidate:
 
 
 def split_cached(store, campaign: Mapping, candidates: list[Candidate]) -> tuple[list[Candidate], list[dict]]:
-    """Candidates still to compute, and cached labels to reuse (never pay for a label twice)."""
+    """Candidates still to compute, and cached labels to reuse (never pay for a label twice; a
+    failure that another attempt may pass is computed again, see :func:`failures.worth_retrying`)."""
     to_compute, reused = [], []
     for c in candidates:
         label = store.label(c.hash, campaign["oracle_hash"])
-        if label is None:
+        if label is None or failures.worth_retrying(label):
             to_compute.append(c)
         else:
             reused.append({"label_id": str(label["_id"]), "candidate": c.to_dict()})
@@ -131,10 +132,15 @@ def seed_candidates(campaign: Mapping) -> list[Candidate]:
     return [Candidate.of(structure_from_dict(s), "seed") for s in campaign["start_structures"]]
 
 
-def training_images(store, campaign: Mapping) -> list[Atoms]:
-    """Every successful label the campaign has gathered, as Atoms with energy and forces."""
+def training_labels(store, campaign: Mapping) -> list[dict]:
+    """Every successful label the campaign has gathered (the training set), as label documents."""
     docs = [store.label_by_id(i) for i in campaign["label_ids"]]
-    return [store.label_atoms(d) for d in docs if d is not None and d["status"] == "ok"]
+    return [d for d in docs if d is not None and d["status"] == "ok"]
+
+
+def training_images(store, campaign: Mapping) -> list[Atoms]:
+    """The training set as Atoms with energy and forces."""
+    return [store.label_atoms(d) for d in training_labels(store, campaign)]
 
 
 def new_potential(campaign: Mapping, iteration: int) -> DeltaPotential:
@@ -172,7 +178,8 @@ def warm_start_model(store, campaign: Mapping, n_images: int) -> dict | None:
 def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any]:
     """Fit the ensemble on all labels so far (from scratch, or continuing the last round's with
     ``model.warm_start``); the model goes to GridFS. Returns (potential, model id)."""
-    images = training_images(store, campaign)
+    docs = training_labels(store, campaign)
+    images = [store.label_atoms(d) for d in docs]
     if not images:
         raise RuntimeError(f"campaign {campaign['name']}: no successful label to train on")
     previous = warm_start_model(store, campaign, len(images))
@@ -182,7 +189,7 @@ def train(store, campaign: Mapping, iteration: int) -> tuple[DeltaPotential, Any
         pot = store.load_model(previous)
         pot.training = training_settings(campaign["spec"]["model"])
         pot.fit(images, warm_start=True)
-    model_id = store.save_model(pot, campaign["name"], iteration, list(campaign["label_ids"]), pot.report)
+    model_id = store.save_model(pot, campaign["name"], iteration, [d["_id"] for d in docs], pot.report)
     return pot, model_id
 
 
@@ -298,7 +305,12 @@ def choose(
             gap = query.endpoint_gap(frames)
             if np.isfinite(gap):  # unknown: the stop test has no gap, so the round cannot converge on it
                 key.prediction["endpoint_gap"] = gap
-    return [Candidate.of(frames[k], "query", k) for k in picks], key
+    candidates = [Candidate.of(frames[k], "query", k) for k in picks]
+    if key is not None:  # the stop test needs the oracle there, whatever the strategy picked
+        needed = [key] + ([Candidate.of(frames[0], "query", 0)] if campaign["kind"] == "neb" else [])
+        have = labelled | {c.hash for c in candidates}
+        candidates += [c for c in needed if c.hash not in have]
+    return candidates, key
 
 
 def nearest_label(store, docs: Iterable[Mapping], atoms: Atoms, within: float) -> dict | None:
@@ -349,7 +361,7 @@ def merge(
     decides relax / NEB convergence).
     """
     name = campaign["name"]
-    new_ids, records, paid, failed = [], [], 0, 0
+    records, paid, failed, broken, n_reused = [], 0, 0, 0, 0
     # in structure order, not the order parallel workers finished in: the training set (and so
     # the next model) does not depend on which oracle call returned first
     for item in sorted(computed, key=lambda item: item["candidate"]["hash"]):
@@ -357,19 +369,25 @@ def merge(
         doc = store_label(store, campaign, iteration, structure_from_dict(cand["structure"]), cand, result)
         paid += result["status"] != "rejected"  # the oracle ran, whether or not another writer stored it first
         failed += result["status"] != "ok"
-        new_ids.append(doc["_id"])
+        broken += result["status"] == "failed"  # the oracle's failures, not rejections
         records.append((cand, doc))
+    seen = {doc["_id"] for _, doc in records}
     for items, paid_here in ((stored, True), (reused, False)):  # labels already in the store
         for item in items:
             doc = store.label_by_id(item["label_id"])
+            if doc["_id"] in seen:  # asked for twice this round (e.g. inline, then as the key): one label
+                continue
+            seen.add(doc["_id"])
             paid += paid_here and doc["status"] != "rejected"
             failed += paid_here and doc["status"] != "ok"
-            new_ids.append(doc["_id"])
+            broken += paid_here and doc["status"] == "failed"
+            n_reused += not paid_here
             records.append((item["candidate"], doc))
-    label_ids = list(campaign["label_ids"]) + [i for i in new_ids if i not in campaign["label_ids"]]
+    label_ids = list(dict.fromkeys([*campaign["label_ids"], *(d["_id"] for _, d in records)]))
     store.update_campaign(name, label_ids=label_ids, iteration=iteration)
-    store.count(name, oracle_calls=paid, failed_labels=failed, reused_labels=len(reused))
-    counters = store.campaign(name)["counters"]
+    # the round's numbers first, the campaign's counters summed from its rounds: a merge run twice counts once
+    store.record_iteration(name, iteration, {"oracle_calls": paid, "reused": n_reused, "failed": failed})
+    counters = store.tally_rounds(name)
 
     errors = prediction_errors(store, records)
     checks = key_checks(store, campaign, key)
@@ -386,7 +404,6 @@ def merge(
                                **{k: v for k, v in checks.items() if k in STOP_STATE_FIELDS})
         criteria = stop.StopCriteria.from_dict(campaign["spec"]["learner"]["stop"], campaign["kind"])
         decision = stop.evaluate(criteria, state)
-    broken = sum(doc["status"] == "failed" for _, doc in records)  # the oracle's failures, not rejections
     limit = campaign["spec"]["learner"].get("max_failures_per_iteration")
     if limit is not None and broken > limit and not decision.converged:
         decision = stop.StopDecision(True, False, f"stopped: {broken} oracle calls failed in round {iteration}, "
@@ -395,10 +412,10 @@ def merge(
     store.record_iteration(
         name, iteration,
         {**errors, **{k: v for k, v in checks.items() if k not in ("validation", "simulation_complete")},
-         "oracle_calls": paid, "reused": len(reused), "failed": failed, "decision": decision.reason, "done": decision.done,
+         "oracle_calls": paid, "reused": n_reused, "failed": failed, "decision": decision.reason, "done": decision.done,
          "converged": decision.converged},
     )
-    return MergeOutcome(decision, paid, len(reused), failed, {**errors, **checks})
+    return MergeOutcome(decision, paid, n_reused, failed, {**errors, **checks})
 
 
 def simulation_complete(store, name: str, iteration: int) -> bool | None:

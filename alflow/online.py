@@ -23,7 +23,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from alflow import campaign as steps
 from alflow import stop
 from alflow.model import DeltaPotential
-from alflow.oracles import compute_label
+from alflow.oracles import compute_label, failures
 from alflow.store.hashing import structure_hash
 
 #: Returns the structure with the oracle's energy and forces attached, or None if the oracle failed.
@@ -155,13 +155,13 @@ class StoreOracle:
         c = self.campaign
         item = {"candidate": cand.to_dict()}
         doc = self.store.label(cand.hash, c["oracle_hash"])
-        if doc is not None:
+        if doc is not None and str(doc["_id"]) in {x["label_id"] for x in self.stored + self.reused}:
+            return doc  # asked again this round (e.g. the key check of a structure labelled inline): one label
+        if doc is not None and not failures.worth_retrying(doc):
             # paid by this very round before a crash and a rerun (stored, not merged yet): still this
             # round's call, not a reuse from the cache
             own = (doc.get("campaign"), doc.get("iteration")) == (c["name"], self.iteration) \
                 and doc["_id"] not in c["label_ids"]
-            if own and str(doc["_id"]) in {x["label_id"] for x in self.stored}:
-                return doc  # asked again this round (e.g. the key check of a structure labelled inline)
             (self.stored if own else self.reused).append({"label_id": str(doc["_id"]), **item})
             self.rejected += own and doc["status"] == "rejected"
             return doc
@@ -198,6 +198,8 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
     """
     name, kind = campaign["name"], campaign["kind"]
     spec = campaign["spec"]
+    # rerun after a kill (the firework's ``iteration`` is where it began): go on after the last merged round
+    iteration = max(int(iteration), int(campaign.get("iteration") or 0) + 1)
     criteria = stop.StopCriteria.from_dict(spec["learner"]["stop"], kind)
     starts = [steps.structure_from_dict(s) for s in campaign["start_structures"]]
     training = steps.training_images(store, campaign)

@@ -138,12 +138,16 @@ def test_failed_label_is_replaced_by_ok(store, db):
     failed, inserted = store.put_label(atoms, OH, ORACLE, FAILED, PROV)
     assert inserted and failed["status"] == "failed" and "energy" not in failed
     again, inserted = store.put_label(atoms, OH, ORACLE, {**FAILED, "reason": "again"}, PROV)
-    assert not inserted and again["reason"] == "SCF did not converge"  # a failure keeps the first
+    # a second attempt's failure replaces the first, which is kept: the attempts are counted
+    assert inserted and again["reason"] == "again" and again["_id"] == failed["_id"]
+    assert [h["reason"] for h in again["history"]] == ["SCF did not converge"]
     ok, inserted = store.put_label(atoms, OH, ORACLE, emt_result(atoms), {**PROV, "iteration": 2})
     assert inserted and ok["status"] == "ok" and ok["_id"] == failed["_id"]
     stored = store.label(structure_hash(atoms), OH)
     assert stored["status"] == "ok" and stored["iteration"] == 2 and "reason" not in stored
-    assert [h["failure_class"] for h in stored["history"]] == ["scf_convergence"]
+    assert [h["reason"] for h in stored["history"]] == ["SCF did not converge", "again"]
+    again, inserted = store.put_label(atoms, OH, ORACLE, FAILED, PROV)
+    assert not inserted and again["status"] == "ok"  # an ok label is never replaced
     assert db.labels.count_documents({}) == 1
 
 
@@ -353,6 +357,7 @@ def test_embedded_store_file_round_trip_recreates_indexes(tmp_path):
             doc, inserted = store.put_label(
                 atoms, oh, {"kind": "emt"}, {"status": "failed", "reason": "again"}, {"campaign": "c"})
             out["inserted"] = inserted
+            out["history"] = len(doc.get("history", []))
             out["labels"] = db.labels.count_documents({})
             out["created_on"] = type(doc["created_on"]).__name__
         server._to_file()
@@ -373,7 +378,8 @@ def test_embedded_store_file_round_trip_recreates_indexes(tmp_path):
     assert reopened["indexes_before"] == ["_id_"]  # the persisted file holds no indexes
     assert "structure_hash_1_oracle_hash_1" in reopened["indexes_after"]
     assert reopened["file"] == "weights"
-    assert reopened["inserted"] is False and reopened["labels"] == 1
+    # the unique index holds: the second attempt's failure replaces the first in place, kept in history
+    assert reopened["inserted"] is True and reopened["history"] == 1 and reopened["labels"] == 1
     assert reopened["created_on"] == "datetime"
 
 
@@ -385,19 +391,19 @@ def test_campaign_lifecycle_and_counters(store):
     assert doc["counters"] == {"oracle_calls": 0, "failed_labels": 0, "reused_labels": 0}
     with pytest.raises(ValueError, match="'c1' already exists"):
         store.create_campaign("c1", {})
-    store.count("c1", oracle_calls=2, failed_labels=1)
-    counters = store.count("c1", oracle_calls=3, reused_labels=4)
+    store.record_iteration("c1", 0, {"oracle_calls": 2, "failed": 1})
+    store.record_iteration("c1", 1, {"oracle_calls": 3, "reused": 4, "failed": 0})
+    counters = store.tally_rounds("c1")
     assert counters == {"oracle_calls": 5, "failed_labels": 1, "reused_labels": 4}
-    assert store.campaign("c1")["counters"] == counters
+    store.record_iteration("c1", 1, {"oracle_calls": 3, "reused": 4, "failed": 0})  # round 1 merged again
+    assert store.tally_rounds("c1") == counters == store.campaign("c1")["counters"]
     updated = store.update_campaign("c1", status="running", iteration=1)
     assert (updated["status"], updated["iteration"]) == ("running", 1)
     assert store.campaign("c1")["spec"]["learner"]["stop"]["fmax"] == 0.03
     with pytest.raises(ValueError, match="no campaign named 'nope'"):
-        store.count("nope", oracle_calls=1)
+        store.tally_rounds("nope")
     with pytest.raises(ValueError, match="no campaign named 'nope'"):
         store.update_campaign("nope", status="x")
-    with pytest.raises(ValueError, match="integer"):
-        store.count("c1", oracle_calls=1.5)
     assert store.campaign("nope") is None
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Mapping
 
 from ase.calculators.calculator import CalculationFailed
 
@@ -57,6 +58,24 @@ class WalltimeExceeded(OracleFailure):
     """The call ran past its time limit and was stopped."""
 
     failure_class = "timeout"
+
+
+# classes another attempt may pass: a lost node, a longer ``timeout_s``, more ranks (the run settings
+# are not part of the label-cache key); ``scf``, ``nonfinite`` and ``unphysical`` follow from the
+# structure and the physics settings, which are, so such a label is reused, never paid again
+RETRIED = ("crash", "timeout", "exception")
+MAX_ATTEMPTS = 3  # oracle calls per structure and oracle settings, the failed ones included
+
+
+def attempts(label: Mapping) -> int:
+    """Oracle calls a label document stands for: itself and the failed attempts in its ``history``."""
+    return 1 + len(label.get("history", []))
+
+
+def worth_retrying(label: Mapping) -> bool:
+    """Whether a cached label is to be computed again rather than reused: a ``failed`` one of a
+    class in :data:`RETRIED`, fewer than :data:`MAX_ATTEMPTS` times so far."""
+    return label["status"] == "failed" and label.get("failure_class") in RETRIED and attempts(label) < MAX_ATTEMPTS
 
 
 def classify(exc: BaseException) -> str:

@@ -50,6 +50,7 @@ from alflow.store.documents import (
 BUCKET = "alflow"  # GridFS bucket: alflow.files + alflow.chunks
 STATUSES = ("ok", "failed", "rejected")
 COUNTERS = ("oracle_calls", "failed_labels", "reused_labels")
+ROUND_COUNTS = {"oracle_calls": "oracle_calls", "failed": "failed_labels", "reused": "reused_labels"}  # round metric → counter
 MODEL_METADATA_MAX_BYTES = 64 * 1024  # metadata fields larger than this stay only in the weights file
 
 # collection -> [(keys, options)]; create_index is idempotent, so opening a Store (re)creates them
@@ -208,17 +209,15 @@ class Store:
             raise ValueError(f"no campaign named {name!r}")
         return doc
 
-    def count(self, name: str, **increments) -> dict:
-        """``$inc`` ``counters.<key>`` of campaign ``name``; returns the counters after the update."""
-        check_keys("campaigns", increments)
-        inc = {}
-        for key, value in increments.items():
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"counter increment {key}={value!r} must be an integer")
-            inc[f"counters.{key}"] = int(value)
-        update: dict[str, Any] = {"$set": {"updated_on": utcnow()}}
-        if inc:
-            update["$inc"] = inc
+    def tally_rounds(self, name: str) -> dict:
+        """Set the ``counters`` of campaign ``name`` to the sums of its rounds' ``oracle_calls``,
+        ``failed`` and ``reused`` (iteration metrics); returns them. Idempotent: a merge run twice
+        (a rerun firework) counts its round once."""
+        totals = dict.fromkeys(COUNTERS, 0)
+        for doc in self.iteration_collection.find({"campaign": name}, {"metrics": 1}):
+            for key, counter in ROUND_COUNTS.items():
+                totals[counter] += int(doc.get("metrics", {}).get(key) or 0)
+        update = {"$set": {"counters": totals, "updated_on": utcnow()}}
         doc = self.campaigns.find_one_and_update({"name": name}, update, return_document=ReturnDocument.AFTER)
         if doc is None:
             raise ValueError(f"no campaign named {name!r}")
@@ -312,8 +311,8 @@ class Store:
 
         Returns (label document, inserted). An "ok" label is never overwritten: a second writer
         gets the existing document and ``inserted=False``. A "failed"/"rejected" label is replaced
-        by a later "ok" one (the replaced attempts are kept in ``history``); a failure after a
-        failure keeps the first. Race-safe through the unique index.
+        by any later result, a retry's (the replaced attempts are kept in ``history``, so
+        :func:`alflow.oracles.failures.attempts` counts them). Race-safe through the unique index.
         """
         now = utcnow()
         # a model's prediction (provenance.prediction) belongs to the label, not to the structure
@@ -333,17 +332,21 @@ class Store:
             existing = self.labels_collection.find_one(key)
             if existing is None:  # removed in between: try inserting again
                 continue
-            if existing["status"] == "ok" or doc["status"] != "ok":
+            if existing["status"] == "ok":
                 return existing, False
             replacement = dict(doc, _id=existing["_id"])
             replacement["history"] = list(existing.get("history", [])) + [
                 {k: existing[k] for k in ("status", "reason", "failure_class", "seconds", "campaign", "iteration", "created_on") if k in existing}
             ]
             check_document("labels", replacement)
-            res = self.labels_collection.replace_one({"_id": existing["_id"], "status": {"$ne": "ok"}}, replacement)
+            # only the version read above: another writer's result in between is never lost
+            earlier = len(existing.get("history", []))
+            version = {"_id": existing["_id"], "created_on": existing["created_on"],
+                       "history": {"$size": earlier} if earlier else {"$exists": False}}
+            res = self.labels_collection.replace_one(version, replacement)
             if res.matched_count == 1:
                 return replacement, True
-            # another writer stored an "ok" label in between: loop and return it
+            # another writer stored a result in between: loop and look again
         raise RuntimeError(f"labels: could not store label {key} (concurrent writers kept changing it)")
 
     def label_atoms(self, label_doc: Mapping) -> Atoms:
