@@ -203,6 +203,9 @@ def _load_structure(base: Path, value: str, where: tuple[str, ...]) -> Atoms:
         raise SpecError(f"{_at(where)}: cannot read {path} as a structure ({type(exc).__name__}: {exc})") from None
     if len(atoms) == 0:
         raise SpecError(f"{_at(where)}: {path} holds no atoms")
+    other = sorted({type(c).__name__ for c in atoms.constraints} - {"FixAtoms"})
+    if other:  # the store, the training and fmax know fixed atoms only: never drop a constraint silently
+        raise SpecError(f"{_at(where)}: {path} has constraint(s) {', '.join(other)}; alflow supports FixAtoms only")
     return atoms
 
 

@@ -1,7 +1,7 @@
 """Stand-in pw.x for tests: ``fake_pw.py --mode MODE [--pids FILE] -in espresso.pwi``.
 
 Modes: ``ok`` writes a pw.x-style output with EMT energy and forces of the input structure;
-``scf`` the output of an SCF that hit electron_maxstep (exit 2, as pw.x 6.7 does); ``crash`` a
+``nan`` the same with a NaN energy; ``scf`` the output of an SCF that hit electron_maxstep (exit 2, as pw.x 6.7 does); ``crash`` a
 pw.x error (exit 1, MPI_ABORT on stderr); ``empty`` exits 0 without results; ``sleep`` starts a
 child process, writes both pids to ``--pids`` and sleeps (for time limits).
 """
@@ -49,11 +49,11 @@ CRASH = """
 """
 
 
-def pw_output(input_file: str) -> str:
-    """A pw.x output that ASE's espresso-out reader parses, with EMT energy and forces."""
+def pw_output(input_file: str, nan: bool = False) -> str:
+    """A pw.x output that ASE's espresso-out reader parses, with EMT energy (``nan``: NaN) and forces."""
     atoms = read(input_file, format="espresso-in")
     atoms.calc = EMT()
-    energy = atoms.get_potential_energy() / units["Ry"]
+    energy = float("nan") if nan else atoms.get_potential_energy() / units["Ry"]
     forces = atoms.get_forces() / (units["Ry"] / units["Bohr"])
     alat = np.linalg.norm(atoms.cell[0]) / units["Bohr"]
     scale = alat * units["Bohr"]
@@ -80,8 +80,8 @@ def main() -> int:
     parser.add_argument("--pids")
     parser.add_argument("-in", dest="input", default="espresso.pwi")
     args, _ = parser.parse_known_args()
-    if args.mode == "ok":
-        print(pw_output(args.input))
+    if args.mode in ("ok", "nan"):
+        print(pw_output(args.input, nan=args.mode == "nan"))
         return 0
     print(HEADER)
     if args.mode == "scf":

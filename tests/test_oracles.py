@@ -35,6 +35,18 @@ def test_label_matches_emt():
     np.testing.assert_allclose(result["forces"], ref.get_forces(apply_constraint=False), atol=1e-12)
 
 
+def test_a_stress_the_oracle_computed_is_kept():
+    from ase.build import bulk
+
+    atoms = bulk("Cu", cubic=True) * (2, 2, 2)
+    atoms.rattle(0.05, seed=1)
+    atoms.cell *= 1.02
+    ref = atoms.copy()
+    ref.calc = EMT()
+    result = compute_label(atoms, {"kind": "emt"})  # EMT computes it with the forces of a periodic cell
+    np.testing.assert_allclose(result["stress"], ref.get_stress(), atol=1e-12)
+
+
 def test_overlapping_structure_is_rejected_without_calling_the_oracle(tmp_path):
     atoms, c, cu = fused()
     counter = tmp_path / "calls.txt"

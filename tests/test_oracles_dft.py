@@ -86,6 +86,9 @@ QE_OK = {"kind": "espresso", "pseudopotentials": {"Cu": "Cu.UPF"}, "input_data":
      r"oracle.input_data.electrons.electron_maxstep: must be an integer >= 1"),
     (dict(input_data={"ecutwfc": 30, "calculation": "relax"}), r"oracle.input_data.calculation: set by alflow"),
     (dict(input_data={"ecutwfc": 30, "pseudo_dir": "x"}), r"oracle.input_data.pseudo_dir: set by alflow"),
+    (dict(input_data={"ecutwfc": 30, "celldm(1)": 10.0}), r"oracle.input_data.celldm\(1\): set by alflow"),
+    (dict(input_data={"ecutwfc": 30, "Ecutwfc": 40}), r"oracle.input_data.[Ee]cutwfc: given twice"),
+    (dict(input_data={"ecutwfc": 30, "system": {"ecutwfc": 40}}), r"oracle.input_data.system.ecutwfc: given twice"),
     (dict(input_data={"ions": {"ion_dynamics": "bfgs"}, "ecutwfc": 30}), r"oracle.input_data.ions: not a namelist"),
     (dict(kpts=[2, 2]), r"oracle.kpts: must be three integers >= 1"),
     (dict(mpi_ranks=0), r"oracle.mpi_ranks: must be an integer >= 1, got 0"),
@@ -245,6 +248,7 @@ def test_successful_call_labels_and_removes_its_scratch(tmp_path, pseudo, monkey
     ("scf", "scf", "SCFNotConverged: pw.x SCF not converged: convergence NOT achieved after   2 iterations"),
     ("crash", "crash", r"CodeCrashed: pw.x exited with status 1: Error in routine readpp \(1\): file /nonexistent"),
     ("empty", "crash", "CodeCrashed: pw.x output holds no readable results"),
+    ("nan", "nonfinite", "NonFiniteResult: espresso returned energy or forces that are not finite"),
 ])
 def test_failed_call_is_classified_and_keeps_its_scratch(tmp_path, pseudo, monkeypatch, mode, failure_class, reason):
     monkeypatch.chdir(tmp_path)

@@ -150,6 +150,17 @@ def test_missing_spec_file_and_unreadable_structure(folder):
         load_spec(spec_file(folder, edited(system__structure="junk.traj")))
 
 
+def test_a_constraint_alflow_cannot_keep_is_refused_not_dropped(folder):
+    from ase.constraints import FixAtoms, FixCartesian
+
+    atoms = c_cu100()
+    atoms.set_constraint([FixAtoms(indices=[0]), FixCartesian(12, mask=(True, True, False))])
+    write(folder / "cartesian.traj", atoms)
+    with pytest.raises(SpecError, match=r"system.structure: .*cartesian.traj has constraint\(s\) FixCartesian; "
+                                        r"alflow supports FixAtoms only"):
+        load_spec(spec_file(folder, edited(system__structure="cartesian.traj")))
+
+
 def test_validation_writes_nothing(folder):
     before = sorted(p.name for p in folder.iterdir())
     with pytest.raises(SpecError):

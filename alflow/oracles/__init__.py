@@ -199,7 +199,10 @@ def compute_label(atoms: Atoms, oracle: Mapping[str, Any]) -> dict[str, Any]:
         energy = float(atoms.get_potential_energy())
         forces = atoms.get_forces(apply_constraint=False)
         result: dict[str, Any] = {"status": "ok", "energy": energy, "forces": np.asarray(forces).tolist()}
-        if not (np.isfinite(energy) and np.isfinite(forces).all()):
+        stress = atoms.calc.results.get("stress")  # kept when the oracle computed it anyway (no extra call)
+        if stress is not None:
+            result["stress"] = np.asarray(stress).tolist()
+        if not (np.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(result.get("stress", 0.0)).all()):
             result = {"status": "failed", "failure_class": "nonfinite", "reason": "energy or forces not finite"}
     except Exception as exc:  # an oracle may fail in any way; it is recorded, not fatal
         result = {"status": "failed", "failure_class": classify(exc), "reason": f"{type(exc).__name__}: {exc}"[:2000]}

@@ -87,8 +87,10 @@ def _input_data(v: Any) -> dict[str, Any]:
             section = Namelist.search_key(name_l, {s: ALL_KEYS["pw"][s] for s in SECTIONS})
             if section is None:
                 raise SettingsError(where, f"not a pw.x parameter of {'/'.join(SECTIONS)}")
-            if name_l in FORBIDDEN:
+            if name_l.split("(")[0] in FORBIDDEN:  # celldm(1) as well as celldm
                 raise SettingsError(where, "set by alflow (an SCF with forces; pseudo_dir is its own key)")
+            if name_l in flat:  # pw.x's names are case-insensitive, and the namelists are flattened
+                raise SettingsError(where, "given twice (the names are case-insensitive, across namelists)")
             try:
                 val = scalar(val)
                 if name_l in _POSITIVE:

@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
-from alflow.oracles.failures import CodeCrashed, OracleFailure, WalltimeExceeded
+from alflow.oracles.failures import CodeCrashed, NonFiniteResult, OracleFailure, WalltimeExceeded
 from alflow.oracles.settings import (
     SettingsError,
     boolean,
@@ -240,6 +242,8 @@ class ScratchCalculator(Calculator):
             frame = traceback.extract_tb(exc.__traceback__)[-1]
             where = f" (in {Path(frame.filename).name}:{frame.lineno})"
             raise CodeCrashed(f"{type(exc).__name__}: {exc}{where}", scratch=directory) from exc
+        if not all(np.isfinite(results[k]).all() for k in ("energy", "forces", "stress") if k in results):
+            raise NonFiniteResult(f"{self.code} returned energy or forces that are not finite", scratch=directory)
         if not self.settings.keep_scratch:
             shutil.rmtree(directory, ignore_errors=True)
         self.results = results

@@ -78,6 +78,12 @@ def worth_retrying(label: Mapping) -> bool:
     return label["status"] == "failed" and label.get("failure_class") in RETRIED and attempts(label) < MAX_ATTEMPTS
 
 
+class NonFiniteResult(OracleFailure):
+    """The code returned NaN or infinite energy or forces."""
+
+    failure_class = "nonfinite"
+
+
 def classify(exc: BaseException) -> str:
     """The ``failure_class`` of an exception raised by an oracle call."""
     if isinstance(exc, OracleFailure):
