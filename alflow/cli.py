@@ -294,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError, NotImplementedError, CalculatorError) as exc:
         print(f"alflow: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        store = getattr(args, "store", None)
+        hint = f"; `alflow resume --store {store}` goes on from here" if store and getattr(args, "func", None) in (
+            cmd_run, cmd_resume) else ""
+        print(f"alflow: interrupted{hint}", file=sys.stderr)
+        return 130
     except PyMongoError as exc:  # a server that cannot be reached or refuses: one line, naming the launchpad file
         where = getattr(args, "launchpad", None)
         print(f"alflow: error: {where or 'MongoDB'}: {_mongo_error(exc)}", file=sys.stderr)

@@ -40,6 +40,7 @@ from alflow.store.embedded import (  # noqa: F401 (STORE_FILE, snapshot, use_sto
 
 LOCK_FILE = "lock"
 POLL_SECONDS = 0.2
+MAX_LOST_RUNS = 3  # a firework whose worker died this often without a result is recorded as failed
 
 
 @contextlib.contextmanager
@@ -95,6 +96,41 @@ def _worker_running(pid: int, launch_dir: Path) -> bool:
     return "alflow.fw.worker" in cmdline and Path(cwd) == launch_dir and state != "Z"
 
 
+def _read_pid(pid_file: Path) -> int | None:
+    """The worker pid written in ``pid_file`` (None: missing, or left empty or torn by a crash)."""
+    try:
+        return int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[Callable[[], bool]]:
+    """While inside: a Ctrl-C still raises KeyboardInterrupt, and the yielded function tells
+    whether one came (FireWorks' Rocket catches it inside a task and carries on)."""
+    import signal
+    import threading
+
+    came = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        came.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # started with Ctrl-C ignored (a background job): keep it so
+        yield lambda: False
+        return
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _offline_result(launch_dir: Path) -> dict:
     """``FW_offline.json`` of a launch ({} when missing or cut short by a kill)."""
     try:
@@ -124,11 +160,17 @@ class EmbeddedRunner:
         self.local = FWorker(name="alflow-embedded", category="ml" if workers else "", query=query)
         self.remote = FWorker(name="alflow-worker", category="dft", query=query)
         self.active: dict[int, Worker] = {}
+        self._interrupted: Callable[[], bool] = lambda: False  # set while run() is inside
         self._worker_env = {k: v for k, v in os.environ.items() if k != "MONGOMOCK_SERVERSTORE_FILE"}
 
     # ---------------------------------------------------------------------------- the loop
     def run(self) -> None:
         """Until nothing is ready, reserved, running or in a worker."""
+        with _interrupt_flag() as interrupted:
+            self._interrupted = interrupted
+            self._run()
+
+    def _run(self) -> None:
         try:
             while True:
                 changed = self.reap() | self.dispatch()
@@ -165,6 +207,14 @@ class EmbeddedRunner:
             with contextlib.suppress(OSError):  # nothing ran there: drop the empty folder
                 launch_dir.rmdir()
             return False
+        if self._interrupted():
+            # FireWorks records a Ctrl-C inside a task as the firework's failure (FIZZLED): it was
+            # the user's, so the firework is made READY again for `alflow resume`, and we stop
+            launch = self.lp.launches.find_one({"launch_dir": str(launch_dir)}, {"fw_id": 1})
+            if launch is not None:
+                self.lp.rerun_fw(launch["fw_id"])
+            self.save()
+            raise KeyboardInterrupt
         self.save()
         self.progress(_progress_line(self.lp, launch_dir))
         return True
@@ -205,12 +255,42 @@ class EmbeddedRunner:
 
     def recover(self, launch_id: int, fw_id: int, launch_dir: Path) -> None:
         """A finished worker's FWAction into the store, or a rerun if it left none (lost worker:
-        an infrastructure failure, not the structure's, so nothing is recorded against it)."""
+        an infrastructure failure, not the structure's, so nothing is recorded against it) -- up
+        to MAX_LOST_RUNS runs: then the label is recorded as a ``crash`` failure, so a structure
+        that kills its worker every time (out of memory, a segfault) is not paid for for ever."""
         if "fwaction" in _offline_result(launch_dir):
             if self.lp.recover_offline(launch_id, ignore_errors=True) is None:
                 return
+            # a result is there: never pay again for it. FireWorks also reads the worker's last
+            # ping, which a kill can leave torn; without it the launch simply ends now
+            (launch_dir / "FW_ping.json").unlink(missing_ok=True)
+            if self.lp.recover_offline(launch_id, ignore_errors=True) is None:
+                return
         self.lp.forget_offline(launch_id)
+        runs = self.lp.launches.count_documents({"fw_id": fw_id})
+        if runs >= MAX_LOST_RUNS and self._record_lost_label(launch_id, fw_id, launch_dir, runs):
+            return
         self.lp.rerun_fw(fw_id)
+
+    def _record_lost_label(self, launch_id: int, fw_id: int, launch_dir: Path, runs: int) -> bool:
+        """Complete an oracle firework whose worker died ``runs`` times with the failed label its
+        LabelTask would have returned (class ``crash``); False if it is not a label firework."""
+        from fireworks import FWAction
+
+        from alflow.fw.tasks import LabelTask
+
+        task = self.lp.get_fw_by_id(fw_id).tasks[0]
+        if not isinstance(task, LabelTask):
+            return False
+        log = (launch_dir / "worker.log").read_text(errors="replace").strip().splitlines()[-3:] \
+            if (launch_dir / "worker.log").is_file() else []
+        result = {"status": "failed", "failure_class": "crash", "seconds": 0.0,
+                  "reason": f"the worker process died {runs} times without a result (out of memory? killed?); "
+                            f"last run in {launch_dir}" + (f": {' | '.join(log)}" if log else "")}
+        action = FWAction(stored_data={"status": "failed", "seconds": 0.0},
+                          mod_spec=[{"_push": {"labels": {"candidate": task["candidate"], "result": result}}}])
+        self.lp.complete_launch(launch_id, action, "COMPLETED")
+        return True
 
     def adopt(self) -> None:
         """After a crash: take over the runs an earlier runner left, from the store and launch dirs."""
@@ -219,7 +299,7 @@ class EmbeddedRunner:
             launch = self.lp.launches.find_one({"launch_id": launch_id}, {"launch_dir": 1})
             launch_dir = Path(launch["launch_dir"]) if launch else None
             pid_file = launch_dir / "worker.pid" if launch_dir else None
-            pid = int(pid_file.read_text()) if pid_file and pid_file.is_file() else None
+            pid = _read_pid(pid_file) if pid_file else None
             if pid is not None and _worker_running(pid, launch_dir):
                 self.active[launch_id] = Worker(launch_id, run["fw_id"], launch_dir, pid)
             elif launch_dir is not None:
@@ -231,6 +311,10 @@ class EmbeddedRunner:
         mine = {r["fw_id"] for r in offline.values()}
         for fw in self.lp.fireworks.find({"state": {"$in": ["RESERVED", "RUNNING"]}}, {"fw_id": 1}):
             if fw["fw_id"] not in mine:
+                self.lp.rerun_fw(fw["fw_id"])
+        # and those a Ctrl-C stopped (FireWorks records it as the firework's failure)
+        for fw in self.lp.fireworks.find({"state": "FIZZLED"}, {"fw_id": 1}):
+            if _last_error(self.lp, fw["fw_id"]) == "KeyboardInterrupt":
                 self.lp.rerun_fw(fw["fw_id"])
         self.save()
 
@@ -286,9 +370,16 @@ def submit(spec, launchpad) -> None:
     store = Store(launchpad.db)
     if store.campaign(spec.name) is not None:
         raise ValueError(f"campaign '{spec.name}' already exists in this store (use another name or store; "
-                         "`alflow resume` finishes an interrupted one)")
+                         "an interrupted one: `alflow resume --store DIR` on an embedded store, `lpad "
+                         "detect_lostruns --rerun` then `rlaunch rapidfire` on a server, see docs/hpc.md)")
+    if launchpad.fw_id_assigner.count_documents({}) == 0:  # a database FireWorks never used (no `lpad reset`)
+        launchpad._restart_ids(1, 1)  # what reset does to the id counters, leaving everything else alone
     start(store, spec)
-    launchpad.add_wf(campaign_workflow(spec.name))
+    try:
+        launchpad.add_wf(campaign_workflow(spec.name))
+    except BaseException:  # no campaign without its workflow: submitting again must work
+        store.campaigns.delete_one({"name": spec.name})
+        raise
 
 
 def resume(store_dir: str | Path, progress: Callable[[str], None] = print, workers: int = 0) -> list[Path]:
@@ -322,10 +413,14 @@ def _failure(launchpad, name: str) -> str:
     if fw is None:
         waiting = launchpad.fireworks.count_documents({**mine, "state": "WAITING"})
         return f"{waiting} fireworks are still waiting and none can run"
-    launch = launchpad.launches.find_one({"fw_id": fw["fw_id"], "state": "FIZZLED"}, sort=[("time_end", -1)]) or {}
+    return f"firework '{fw['name']}' failed: {_last_error(launchpad, fw['fw_id']) or 'no traceback recorded'}"
+
+
+def _last_error(launchpad, fw_id: int) -> str:
+    """The last line of the traceback of a firework's latest failed launch ('' if none is recorded)."""
+    launch = launchpad.launches.find_one({"fw_id": fw_id, "state": "FIZZLED"}, sort=[("time_end", -1)]) or {}
     trace = ((launch.get("action") or {}).get("stored_data") or {}).get("_exception", {}).get("_stacktrace", "")
-    last = next((line.strip() for line in reversed(trace.splitlines()) if line.strip()), "no traceback recorded")
-    return f"firework '{fw['name']}' failed: {last}"
+    return next((line.strip() for line in reversed(trace.splitlines()) if line.strip()), "")
 
 
 def _progress_line(launchpad, launch_dir: Path) -> str:

@@ -75,3 +75,24 @@ class FlakyLoggingEMT(LoggingEMT):
 
 def flaky_logging_emt(log: str, seconds: float = 0.0, period: int = 4) -> EMT:
     return FlakyLoggingEMT(log, seconds, period)
+
+
+class DyingEMT(EMT):
+    """EMT whose process is killed in every calculation, as the out-of-memory killer would (each
+    attempt appended to ``log`` first)."""
+
+    def __init__(self, log: str):
+        super().__init__()
+        self.log = Path(log)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        import os
+        import signal
+
+        with open(self.log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def dying_emt(log: str) -> EMT:
+    return DyingEMT(log)

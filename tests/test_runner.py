@@ -214,3 +214,73 @@ def test_online_learner_killed_mid_round_resumes_without_paying_twice(tmp_path):
     assert resumed.returncode in (0, 3), resumed.stderr
     assert len(calls(tmp_path)) > paid_before  # the round went on past where it was killed
     assert_each_call_once(tmp_path)  # the labels paid before the kill were found, not paid again
+
+
+def test_ctrl_c_stops_the_run_and_resume_redoes_the_interrupted_firework(tmp_path, reference):
+    spec = md_spec(tmp_path, seconds=1.5)
+    runner = subprocess.Popen([sys.executable, "-m", "alflow", "run", spec.name, "--store", "store"], cwd=tmp_path,
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while len(calls(tmp_path)) < 2 and time.time() < deadline:  # the seed and a first label of round 1
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the next oracle call, run in this process (no workers)
+    runner.send_signal(signal.SIGINT)
+    _, err = runner.communicate(timeout=300)
+    assert runner.returncode == 130
+    assert err.strip().splitlines()[-1] == "alflow: interrupted; `alflow resume --store store` goes on from here"
+    fireworks = [d for _, d in store_is_whole(tmp_path)["alflow"]["fireworks"]["documents"]]
+    assert "FIZZLED" not in {d["state"] for d in fireworks}  # the user's Ctrl-C is not the firework's failure
+    resumed = alflow("resume", "--store", "store", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    s, ref = summary(tmp_path), summary(reference)
+    assert s["converged"] and (s["iterations"], s["oracle_calls"]) == (ref["iterations"], ref["oracle_calls"])
+    assert_each_call_once(tmp_path)
+
+
+def test_a_structure_that_kills_its_worker_every_time_is_recorded_as_a_crash_after_three_runs(tmp_path):
+    write(tmp_path / "co.traj", co_cu100())
+    spec = {"name": "md", "system": {"structure": "co.traj"}, "simulation": {"kind": "md", "steps": 10},
+            "oracle": {"kind": "python", "callable": "flaky_oracle:dying_emt",
+                       "kwargs": {"log": str(tmp_path / "attempts.log")}},
+            "learner": {"query": {"strategy": "random", "samples": 2}, "stop": {"max_iterations": 1}}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    proc = alflow("run", "spec.yaml", "--store", "store", "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr  # finished, not converged: the start could not be labelled
+    assert len((tmp_path / "attempts.log").read_text().splitlines()) == 3
+    (label,) = [d for _, d in store_is_whole(tmp_path)["alflow"]["labels"]["documents"]]
+    assert label["status"] == "failed" and label["failure_class"] == "crash"
+    assert "the worker process died 3 times without a result" in label["reason"]
+    assert summary(tmp_path)["failed_labels"] == 1
+
+
+def test_a_pid_file_left_empty_or_torn_reads_as_no_worker(tmp_path):
+    from alflow.runner import _read_pid
+
+    pid = tmp_path / "worker.pid"
+    assert _read_pid(pid) is None
+    for text in ("", "12", "12x"):
+        pid.write_text(text)
+        assert _read_pid(pid) == (12 if text == "12" else None)
+
+
+def test_submit_to_a_database_fireworks_never_used(tmp_path, monkeypatch):
+    """`alflow submit` on a fresh database (no `lpad reset`): FireWorks' id counters are made, once."""
+    import mongomock
+    import fireworks.core.launchpad as fw_launchpad
+    from mongomock.store import ServerStore
+
+    from alflow.cli import main
+
+    import mongomock.gridfs
+
+    mongomock.gridfs.enable_gridfs_integration()
+    server = ServerStore()  # one database server for every client, as mongod is
+    monkeypatch.setattr(fw_launchpad, "MongoClient", lambda *a, **k: mongomock.MongoClient(_store=server))
+    monkeypatch.chdir(tmp_path)
+    md_spec(tmp_path, seconds=0.0)
+    (tmp_path / "lp.yaml").write_text(yaml.safe_dump({"host": "localhost", "port": 27017, "name": "alflow"}))
+    assert main(["submit", "spec.yaml", "-l", "lp.yaml"]) == 0
+    db = mongomock.MongoClient(_store=server)["alflow"]
+    assert db.campaigns.count_documents({}) == 1 and db.fireworks.count_documents({}) == 1
+    assert main(["submit", "spec.yaml", "-l", "lp.yaml"]) == 1  # the same name again: refused, nothing added
+    assert db.campaigns.count_documents({}) == 1 and db.fireworks.count_documents({}) == 1
