@@ -40,10 +40,11 @@ structure_to_dict = configuration_document
 structure_from_dict = atoms_from_document
 
 
-def oracle_hash(oracle: Mapping[str, Any]) -> str:
-    """Key of the oracle settings in the label cache: what determines the labels (a DFT code's
-    MPI ranks, launcher or scratch folder do not; see :func:`alflow.oracles.cache_settings`)."""
-    return settings_hash(cache_settings(oracle))
+def oracle_hash(oracle: Mapping[str, Any], elements: Sequence[str] = ()) -> str:
+    """Key of the oracle settings in the label cache: what determines the labels of structures of
+    ``elements`` (a DFT code's MPI ranks, launcher or scratch folder do not; see
+    :func:`alflow.oracles.cache_settings`)."""
+    return settings_hash(cache_settings(oracle, elements))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def start(store, spec: CampaignSpec) -> dict:
     fields = {
         "elements": elements,
         "kind": spec.kind,
-        "oracle_hash": oracle_hash(spec.oracle),
+        "oracle_hash": oracle_hash(spec.oracle, elements),
         "start_structures": [structure_to_dict(a) for a in spec.images],
         "label_ids": [],
         "status": "running",
@@ -159,7 +160,8 @@ def new_potential(campaign: Mapping, iteration: int) -> DeltaPotential:
 def training_settings(model: Mapping) -> TrainingSettings:
     """The spec's ``model`` section as training settings."""
     return TrainingSettings(epochs=model["epochs"], force_coefficient=model["force_coefficient"],
-                            bootstrap=model.get("bootstrap", True), warm_epochs=model.get("warm_epochs", 100))
+                            bootstrap=model.get("bootstrap", True), warm_epochs=model.get("warm_epochs", 100),
+                            feature_range_floor=model.get("feature_range_floor", 0.05))
 
 
 def warm_start_model(store, campaign: Mapping, n_images: int) -> dict | None:

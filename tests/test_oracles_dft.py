@@ -176,6 +176,27 @@ def test_cache_key_ignores_how_the_code_runs_but_not_the_physics(tmp_path, pseud
     vasp = {"kind": "vasp", "incar": {"ENCUT": 400}}
     assert key(dict(vasp, mpi_ranks=4, max_errors=9, pp_path="/x", command="vasp_gam")) == key(vasp)
     assert key(dict(vasp, incar={"ENCUT": 500})) != key(vasp)
+
+
+def test_vasp_cache_key_holds_each_elements_potcar_by_content(tmp_path):
+    from alflow.store.hashing import settings_hash
+
+    def library(name: str, cu: str) -> str:
+        for element, text in (("Cu", cu), ("C", "PAW_PBE C 08Apr2002")):
+            (tmp_path / name / "potpaw_PBE" / element).mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / "potpaw_PBE" / element / "POTCAR").write_text(text + "\n")
+        return str(tmp_path / name)
+
+    def key(pp_path, elements=("Cu", "C")):
+        return settings_hash(cache_settings({"kind": "vasp", "incar": {"ENCUT": 400}, "pp_path": pp_path}, elements))
+
+    v52, v54 = library("52", "PAW_PBE Cu 22Jun2005"), library("54", "PAW_PBE Cu 05Jan2001 (another release)")
+    assert key(library("copy", "PAW_PBE Cu 22Jun2005")) == key(v52)  # the same files elsewhere: the same labels
+    assert key(v54) != key(v52)  # the same names, other potentials: other labels
+    vasp = {"kind": "vasp", "incar": {"ENCUT": 400}}
+    potcars = cache_settings({**vasp, "pp_path": v52}, ["Cu", "C", "Cu"])["potcars"]
+    assert potcars["Cu"]["file"] == "Cu/POTCAR" and len(potcars["C"]["sha256"]) == 64
+    assert cache_settings({**vasp, "pp_path": str(tmp_path / "none")}, ["Cu"])["potcars"] == {"Cu": None}
     assert cache_settings({"kind": "emt", "options": {}}) == {"kind": "emt", "options": {}}  # unchanged for emt
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import re
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import ase
 import numpy as np
@@ -135,17 +135,18 @@ def oracle_options(oracle: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return kind, dict(oracle.get("options") or {})
 
 
-def cache_settings(oracle: Mapping[str, Any]) -> dict[str, Any]:
+def cache_settings(oracle: Mapping[str, Any], elements: Sequence[str] = ()) -> dict[str, Any]:
     """The part of a spec's oracle section that determines its labels, for the label-cache key.
 
     DFT oracles leave out how the code is run (command, mpi_ranks, launcher, timeout_s,
     keep_scratch, scratch; VASP also max_errors) and where files lie (pseudo_dir: Quantum
     ESPRESSO pseudopotentials count by file name and content digest; VASP pp_path), so more ranks
-    or a new launcher reuse the labels already paid for. Other kinds: the section unchanged.
+    or a new launcher reuse the labels already paid for; VASP adds each of ``elements``' POTCAR
+    by content. Other kinds: the section unchanged.
     """
     kind, options = oracle_options(oracle)
     if kind in DFT_KINDS:
-        return {"kind": kind, **dft_settings(kind, options).physics()}
+        return {"kind": kind, **dft_settings(kind, options).physics(elements)}
     return dict(oracle)
 
 

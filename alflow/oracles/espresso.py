@@ -24,7 +24,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ase import Atoms
 from ase.calculators.espresso import Espresso, EspressoProfile
@@ -162,8 +162,9 @@ class EspressoSettings(RunSettings):
         )
         return cls(**values)
 
-    def physics(self) -> dict[str, Any]:
-        """What determines the labels, for the label-cache key: not the run settings
+    def physics(self, elements: Sequence[str] = ()) -> dict[str, Any]:
+        """What determines the labels, for the label-cache key (``elements``: unused, the
+        pseudopotentials are named per element already): not the run settings
         (:data:`RUN_KEYS`) and not the folder of the pseudopotentials, but each file's name and
         content digest (None where the file cannot be read here)."""
         d = {k: v for k, v in self.to_dict().items() if k not in RUN_KEYS and k != "pseudo_dir"}

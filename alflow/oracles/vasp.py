@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ase import Atoms
 from ase.io import read
@@ -159,10 +159,14 @@ class VaspSettings(RunSettings):
         )
         return cls(**values)
 
-    def physics(self) -> dict[str, Any]:
-        """What determines the labels (label-cache key): INCAR, k-points, xc, setups, handlers;
-        not how VASP is run (RUN_KEYS, max_errors) nor where the POTCARs lie (pp_path)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUN_KEYS and k not in VASP_RUN_KEYS}
+    def physics(self, elements: Sequence[str] = ()) -> dict[str, Any]:
+        """What determines the labels (label-cache key): INCAR, k-points, xc, setups, handlers, and
+        the POTCAR of each of ``elements`` by content (:func:`potcar_digests`); not how VASP is run
+        (RUN_KEYS, max_errors) nor where the POTCARs lie (pp_path)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in RUN_KEYS and k not in VASP_RUN_KEYS}
+        if elements:
+            d["potcars"] = potcar_digests(self, elements)
+        return d
 
     def summary(self) -> str:
         encut = self.incar.get("ENCUT")
@@ -179,6 +183,23 @@ def require_custodian():
     except ImportError as exc:
         raise ImportError(f"{INSTALL_HINT} ({exc})") from None
     return Custodian, VaspJob, handlers, Vasprun
+
+
+def potcar_digests(settings: VaspSettings, elements: Sequence[str]) -> dict[str, dict | None]:
+    """Each element's POTCAR as ASE picks it for these settings (family, setups, pp_path or
+    $VASP_PP_PATH): its path below the family folder and sha256 (None where it cannot be found
+    here, e.g. on a machine that only submits). POTCAR sets of one name differ between releases."""
+    import tempfile
+
+    from alflow.oracles.espresso import file_digest
+
+    elements = sorted(set(elements))
+    try:
+        with tempfile.TemporaryDirectory(prefix="alflow-potcar-") as tmp:
+            paths = VaspOracle(settings).vasp(Path(tmp))._build_pp_list(Atoms(elements))
+    except Exception:  # no POTCAR library here: the key cannot tell the sets apart
+        return dict.fromkeys(elements)
+    return {el: {"file": "/".join(Path(p).parts[-2:]), "sha256": file_digest(Path(p))} for el, p in zip(elements, paths)}
 
 
 class _Deadline:
