@@ -8,7 +8,7 @@ anywhere while a spec is validated.
     system: {structure: c_cu100.traj}              # NEB: {initial: a.traj, final: b.traj}
     simulation: {kind: relax, fmax: 0.03}           # relax | neb | md
     oracle: {kind: emt}                             # emt | python (callable: "pkg.mod:function") | espresso | vasp
-    model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, warm_start, warm_epochs, morse_params
+    model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, feature_range_floor, warm_start, warm_epochs, morse_params
     learner:
       kind: offline                                 # offline | online (+ threshold: eV/Å)
       refine_below: 0.3                             # relax: refine from the best label below this fmax (eV/Å)
@@ -264,6 +264,8 @@ def _model(raw: Any, where: tuple[str, ...]) -> dict:
             "epochs": (_integer(1), 300),
             "force_coefficient": (_number(0.0, strict=False), 0.04),
             "bootstrap": (_boolean, True),
+            # the descriptor scaling's least range, a fraction of each feature's magnitude
+            "feature_range_floor": (_number(0.0), 0.05),
             # offline rounds continue the previous round's members for warm_epochs (a full refit
             # whenever the training set has doubled since the last one); online refits always do
             "warm_start": (_boolean, False),

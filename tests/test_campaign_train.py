@@ -72,3 +72,13 @@ def test_without_warm_start_every_round_fits_from_scratch(tmp_path):
     train_round(store, spec, 1)
     add_labels(store, spec, 1, [3])
     assert steps.warm_start_model(store, store.campaign(spec.name), 4) is None
+
+
+def test_the_spec_model_settings_reach_the_ensemble(tmp_path):
+    store, spec = new_campaign(tmp_path, warm=False)
+    assert steps.new_potential(store.campaign(spec.name), 1).training.feature_range_floor == 0.05
+    text = (tmp_path / "spec.yaml").read_text().replace("warm_epochs: 6", "warm_epochs: 6, feature_range_floor: 1.0")
+    (tmp_path / "floor.yaml").write_text(text.replace("name: warm", "name: floor"))
+    steps.start(store, load_spec(tmp_path / "floor.yaml"))
+    training = steps.new_potential(store.campaign("floor"), 1).training
+    assert (training.feature_range_floor, training.epochs, training.warm_epochs) == (1.0, 40, 6)

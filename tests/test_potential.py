@@ -357,3 +357,27 @@ def test_stacked_gradient_equals_autograd(small, hidden):
         assert torch.allclose(atomic[m], out.detach(), rtol=0, atol=1e-12)
         assert torch.allclose(grad[m], ref, rtol=0, atol=1e-12)
         assert ref.abs().max() > 1e-3
+
+
+def test_feature_range_floor_is_the_least_scaling_range_as_a_fraction_of_the_magnitude():
+    import torch
+
+    from alflow.model.network import FeatureScaler
+
+    features = torch.tensor([[1.0, 0.0], [1.1, 0.0], [4.0, 0.0]], dtype=torch.float64)
+    species = torch.tensor([0, 0, 1])
+    default = FeatureScaler.fit(features, species, 2)  # 5 %: element 0 varies by 0.1 > 0.055
+    torch.testing.assert_close(default.inv_range, torch.tensor([[10.0, 1.0], [5.0, 1.0]], dtype=torch.float64))
+    by_magnitude = FeatureScaler.fit(features, species, 2, relative_floor=1.0)
+    torch.testing.assert_close(by_magnitude.inv_range, torch.tensor([[1 / 1.1, 1.0], [0.25, 1.0]], dtype=torch.float64))
+    x = by_magnitude(features, species)
+    assert x[:, 0].min() >= -1.0 and x[:, 0].max() <= 1.0  # still inside [-1, 1] on the training set
+
+
+def test_feature_range_floor_is_a_training_setting_kept_with_the_model(tmp_path):
+    with pytest.raises(ValueError, match="feature_range_floor must be > 0"):
+        TrainingSettings(feature_range_floor=0.0)
+    images = [rattled(60), rattled(61)]
+    pot = DeltaPotential(["Cu", "C"], ensemble=1, training=TrainingSettings(epochs=3, feature_range_floor=1.0)).fit(images)
+    again = DeltaPotential.load(pot.save(tmp_path / "m.alflow"))
+    assert again.training.feature_range_floor == 1.0

@@ -18,9 +18,12 @@ from alflow.model.descriptors import DTYPE
 class FeatureScaler:
     """Per-element min–max scaling of descriptors to [−1, 1] on the training set.
 
-    min, inv_range: [n_elements, F]. A feature's range is floored at 5 % of its magnitude, so a
-    channel that barely varies in the training data (one structure, two near-identical ones) is
-    not stretched by orders of magnitude; a channel that is always zero gets range 1.
+    min, inv_range: [n_elements, F]. A feature's range is floored at ``relative_floor`` (default
+    5 %) of its magnitude, so a channel that barely varies in the training data (one structure,
+    two near-identical ones) is not stretched by orders of magnitude; a channel that is always
+    zero gets range 1. With a floor of 1 a non-negative feature (every G2/G4) is scaled by its
+    magnitude, not its spread: small training sets then extrapolate far more gently
+    (benchmarks/README.md, "feature range floor").
     """
 
     RELATIVE_FLOOR = 0.05
@@ -30,7 +33,8 @@ class FeatureScaler:
         self.inv_range = inv_range
 
     @classmethod
-    def fit(cls, features: torch.Tensor, species: torch.Tensor, n_elements: int) -> "FeatureScaler":
+    def fit(cls, features: torch.Tensor, species: torch.Tensor, n_elements: int,
+            relative_floor: float = RELATIVE_FLOOR) -> "FeatureScaler":
         F = features.shape[1]
         lo = torch.zeros(n_elements, F, dtype=DTYPE)
         inv = torch.ones(n_elements, F, dtype=DTYPE)
@@ -38,7 +42,7 @@ class FeatureScaler:
             x = features[species == e]
             if len(x):
                 lo[e] = x.min(0).values
-                floor = cls.RELATIVE_FLOOR * x.abs().max(0).values
+                floor = relative_floor * x.abs().max(0).values
                 span = torch.maximum(x.max(0).values - lo[e], floor)
                 inv[e] = torch.where(floor > 1e-8, 1.0 / span.clamp_min(1e-300), torch.ones_like(span))
         return cls(lo, inv)

@@ -34,12 +34,15 @@ class TrainingSettings:
     history_size: int = 20
     tolerance: float = 1e-10  # stop when the loss changes less than this (relative) for 10 epochs
     bootstrap: bool = True  # members fit bootstrap resamples (the paper); False: all data, own seeds
+    feature_range_floor: float = 0.05  # the descriptor scaling's least range, a fraction of each feature's magnitude
 
     def __post_init__(self):
         if self.epochs < 1 or self.warm_epochs < 1:
             raise ValueError(f"epochs and warm_epochs must be >= 1, got {self.epochs}, {self.warm_epochs}")
         if self.force_coefficient < 0:
             raise ValueError(f"force_coefficient must be >= 0, got {self.force_coefficient}")
+        if not self.feature_range_floor > 0:
+            raise ValueError(f"feature_range_floor must be > 0, got {self.feature_range_floor}")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError("need 0 <= min_learning_rate <= learning_rate")
 
