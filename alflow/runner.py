@@ -275,9 +275,7 @@ class EmbeddedRunner:
     def _record_lost_label(self, launch_id: int, fw_id: int, launch_dir: Path, runs: int) -> bool:
         """Complete an oracle firework whose worker died ``runs`` times with the failed label its
         LabelTask would have returned (class ``crash``); False if it is not a label firework."""
-        from fireworks import FWAction
-
-        from alflow.fw.tasks import LabelTask
+        from alflow.fw.tasks import LabelTask, label_action
 
         task = self.lp.get_fw_by_id(fw_id).tasks[0]
         if not isinstance(task, LabelTask):
@@ -287,9 +285,7 @@ class EmbeddedRunner:
         result = {"status": "failed", "failure_class": "crash", "seconds": 0.0,
                   "reason": f"the worker process died {runs} times without a result (out of memory? killed?); "
                             f"last run in {launch_dir}" + (f": {' | '.join(log)}" if log else "")}
-        action = FWAction(stored_data={"status": "failed", "seconds": 0.0},
-                          mod_spec=[{"_push": {"labels": {"candidate": task["candidate"], "result": result}}}])
-        self.lp.complete_launch(launch_id, action, "COMPLETED")
+        self.lp.complete_launch(launch_id, label_action(task["candidate"], result), "COMPLETED")
         return True
 
     def adopt(self) -> None:

@@ -104,11 +104,14 @@ class LabelTask(FiretaskBase):
 
     def run_task(self, fw_spec):
         cand = self["candidate"]
-        result = compute_label(atoms_from_document(cand["structure"]), self["oracle"])
-        return FWAction(
-            stored_data={"status": result["status"], "seconds": result["seconds"]},
-            mod_spec=[{"_push": {"labels": {"candidate": cand, "result": result}}}],
-        )
+        return label_action(cand, compute_label(atoms_from_document(cand["structure"]), self["oracle"]))
+
+
+def label_action(candidate: dict, result: dict) -> FWAction:
+    """What a Label firework returns: the result pushed to the Merge's ``labels`` (also used by the
+    runner to record a label whose worker kept dying)."""
+    return FWAction(stored_data={"status": result["status"], "seconds": result["seconds"]},
+                    mod_spec=[{"_push": {"labels": {"candidate": candidate, "result": result}}}])
 
 
 @explicit_serialize

@@ -19,7 +19,6 @@ Spec (paths relative to the spec file)::
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from alflow.oracles.external import (
     RUN_KEYS,
     RunSettings,
     ScratchCalculator,
+    file_digest,
     run_command,
 )
 from alflow.oracles.failures import CodeCrashed, SCFNotConverged
@@ -115,14 +115,6 @@ def _koffset(v: Any) -> list[int]:
     if not isinstance(v, (list, tuple)) or len(v) != 3 or any(n not in (0, 1) or isinstance(n, bool) for n in v):
         raise ValueError(f"must be three of 0 or 1, got {v!r}")
     return [int(n) for n in v]
-
-
-def file_digest(path: Path) -> str | None:
-    """sha256 of a file, or None when it cannot be read here."""
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ None of these settings changes the physics: they are left out of the label-cache
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -200,6 +201,15 @@ def new_scratch_directory(root: str | None, prefix: str) -> Path:
     folder = Path(root if root is not None else DEFAULT_SCRATCH).absolute()
     folder.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=folder))
+
+
+def file_digest(path: Path) -> str | None:
+    """sha256 of a file (a pseudopotential, a POTCAR: the label-cache key counts them by content),
+    or None when it cannot be read here."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 class ScratchCalculator(Calculator):

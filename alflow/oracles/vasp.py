@@ -42,6 +42,7 @@ from alflow.oracles.external import (
     RunSettings,
     ScratchCalculator,
     child_environment,
+    file_digest,
     stop_process_group,
 )
 from alflow.oracles.failures import CodeCrashed, SCFNotConverged, WalltimeExceeded
@@ -190,8 +191,6 @@ def potcar_digests(settings: VaspSettings, elements: Sequence[str]) -> dict[str,
     $VASP_PP_PATH): its path below the family folder and sha256 (None where it cannot be found
     here, e.g. on a machine that only submits). POTCAR sets of one name differ between releases."""
     import tempfile
-
-    from alflow.oracles.espresso import file_digest
 
     elements = sorted(set(elements))
     try:
