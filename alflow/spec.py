@@ -66,6 +66,21 @@ def _number(lo: float | None = None, strict: bool = True) -> Callable[[Any], flo
     return check
 
 
+def _number_or_auto(lo: float) -> Callable[[Any], Any]:
+    """A number > ``lo``, or the word "auto"."""
+    number = _number(lo)
+
+    def check(v):
+        if v == "auto":
+            return v
+        try:
+            return number(v)
+        except ValueError:
+            raise ValueError(f"must be a number > {lo} or 'auto', got {v!r}") from None
+
+    return check
+
+
 def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``check``, or None (YAML null) for "off"."""
     return lambda v: None if v is None else check(v)
@@ -265,7 +280,8 @@ def _model(raw: Any, where: tuple[str, ...]) -> dict:
             "force_coefficient": (_number(0.0, strict=False), 0.04),
             "bootstrap": (_boolean, True),
             # the descriptor scaling's least range, a fraction of each feature's magnitude
-            "feature_range_floor": (_number(0.0), 0.05),
+            # ("auto": max(0.05, 1/n) for n training structures)
+            "feature_range_floor": (_number_or_auto(0.0), 0.05),
             # offline rounds continue the previous round's members for warm_epochs (a full refit
             # whenever the training set has doubled since the last one); online refits always do
             "warm_start": (_boolean, False),

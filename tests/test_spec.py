@@ -113,7 +113,8 @@ def test_neb_band_matching_keys(folder):
         (dict(learner__stop={"energy_tol": 0.01}), r"campaign.yaml: learner.stop: .*energy_tol"),  # a NEB criterion
         (dict(learner__kind="semi"), r"campaign.yaml: learner.kind: must be one of offline, online"),
         (dict(model__bootstrap=3), r"campaign.yaml: model.bootstrap: must be true or false, got 3"),
-        (dict(model__feature_range_floor=0), r"campaign.yaml: model.feature_range_floor: must be a number > 0.0"),
+        (dict(model__feature_range_floor=0), r"campaign.yaml: model.feature_range_floor: must be a number > 0.0 or 'auto'"),
+        (dict(model__feature_range_floor="big"), r"campaign.yaml: model.feature_range_floor: .*'auto', got 'big'"),
         (dict(learner__refine_below=0), r"campaign.yaml: learner.refine_below: must be a number > 0.0, got 0"),
         (dict(learner__refine_anchors=2), r"campaign.yaml: learner.refine_anchors: applies only with learner.refine_below"),
         (dict(learner__refine_below=1.0, learner__refine_anchors=0),

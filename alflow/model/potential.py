@@ -179,7 +179,7 @@ class DeltaPotential:
             f_rms = float(f_res[free].pow(2).mean().sqrt()) if free.any() else 0.0
             self.energy_scale = max(spread, f_rms, 0.01)
             self.scaler = FeatureScaler.fit(d.features, graph.species, len(self.elements),
-                                            self.training.feature_range_floor)
+                                            self.training.range_floor(len(images)))
         jac = descriptor_jacobian(graph, plan, d)
         data = TrainingData(
             features=d.features, species=graph.species, batch=graph.batch, n_atoms=graph.n_atoms,

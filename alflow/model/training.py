@@ -19,6 +19,8 @@ import torch
 from alflow.model.descriptors import DTYPE
 from alflow.model.network import ElementNetwork, FeatureScaler
 
+AUTO_FLOOR_MIN = FeatureScaler.RELATIVE_FLOOR  # where feature_range_floor "auto" ends (20 structures on)
+
 
 @dataclass
 class TrainingSettings:
@@ -34,17 +36,28 @@ class TrainingSettings:
     history_size: int = 20
     tolerance: float = 1e-10  # stop when the loss changes less than this (relative) for 10 epochs
     bootstrap: bool = True  # members fit bootstrap resamples (the paper); False: all data, own seeds
-    feature_range_floor: float = 0.05  # the descriptor scaling's least range, a fraction of each feature's magnitude
+    # the descriptor scaling's least range, a fraction of each feature's magnitude; "auto":
+    # max(0.05, 1/n) for n training structures (see range_floor)
+    feature_range_floor: float | str = 0.05
 
     def __post_init__(self):
         if self.epochs < 1 or self.warm_epochs < 1:
             raise ValueError(f"epochs and warm_epochs must be >= 1, got {self.epochs}, {self.warm_epochs}")
         if self.force_coefficient < 0:
             raise ValueError(f"force_coefficient must be >= 0, got {self.force_coefficient}")
-        if not self.feature_range_floor > 0:
-            raise ValueError(f"feature_range_floor must be > 0, got {self.feature_range_floor}")
+        if self.feature_range_floor != "auto" and not (
+                isinstance(self.feature_range_floor, (int, float)) and self.feature_range_floor > 0):
+            raise ValueError(f"feature_range_floor must be > 0 or 'auto', got {self.feature_range_floor!r}")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError("need 0 <= min_learning_rate <= learning_rate")
+
+    def range_floor(self, n_structures: int) -> float:
+        """The descriptor scaling's floor for a fit on ``n_structures``: the setting, or with
+        "auto" 1 (scaled by magnitude) for one structure, falling as 1/n to 0.05 from 20 on: the
+        early rounds' models extrapolate gently, the late ones keep the resolution of many data."""
+        if self.feature_range_floor == "auto":
+            return max(AUTO_FLOOR_MIN, 1.0 / max(n_structures, 1))
+        return float(self.feature_range_floor)
 
     def to_dict(self) -> dict:
         return asdict(self)
