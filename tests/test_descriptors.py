@@ -244,3 +244,22 @@ def test_nonperiodic_structures_match_isolated_cluster(positions):
     molecule alone in a large periodic box."""
     free = Atoms("Cu" * len(positions), positions=positions)
     np.testing.assert_allclose(features(free), features(_boxed(positions)), rtol=1e-12, atol=1e-14)
+
+
+def test_isolated_structure_pairs_do_not_depend_on_its_extent():
+    """A far-away atom (a molecule that left the cluster) costs nothing and changes nothing."""
+    near = Atoms("Cu3", positions=[[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0]])
+    far = near + Atoms("Cu", positions=[[5000.0, 5000.0, 5000.0]])
+    np.testing.assert_allclose(features(far)[:3], features(near), rtol=1e-12, atol=1e-14)
+    assert not features(far)[3].any()
+
+
+def test_slab_without_vacuum_has_the_features_of_the_same_slab_with_vacuum():
+    """fcc100 without vacuum leaves c = 0 along the non-periodic z: a missing vector is built."""
+    bare = fcc100("Cu", (2, 2, 3), a=3.61)
+    assert bare.cell.lengths()[2] == 0 and not bare.pbc[2]
+    padded = bare.copy()
+    padded.center(vacuum=8.0, axis=2)
+    np.testing.assert_allclose(features(bare), features(padded), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="has no atoms"):
+        features(Atoms())

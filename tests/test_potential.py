@@ -237,6 +237,14 @@ def test_fixed_atoms_do_not_enter_uncertainty():
     assert single.uncertainty == 0.0 and single.energy_std == 0.0 and torch.all(single.forces_std == 0)
 
 
+def test_a_new_constraint_is_a_new_state_for_the_calculator(small):
+    atoms = rattled(70, labelled=False)
+    atoms.calc = small.calculator()
+    before = atoms.calc.get_property("uncertainty", atoms)
+    atoms.set_constraint(FixAtoms(indices=range(len(atoms))))  # same positions, no free atom left
+    assert before > 0 and atoms.calc.get_property("uncertainty", atoms) == 0.0
+
+
 def test_single_member_has_zero_uncertainty(training_set):
     pot = quick(training_set[:3], ensemble=1, epochs=5)
     atoms = rattled(58, labelled=False)
@@ -337,6 +345,13 @@ def test_fit_rejects_bad_training_sets(training_set):
     with pytest.raises(OverlappingAtomsError, match="training structure 2"):
         DeltaPotential(["Cu", "C"]).fit([training_set[0], training_set[1], fused])
 
+    moved = training_set[1].copy()
+    moved.calc = training_set[1].calc  # its label, then the carbon moved: the label is stale
+    moved.positions[C] += [0.0, 0.0, 0.3]
+    with pytest.raises(ValueError, match=r"training structure 1 .*computed for another structure .*positions"):
+        DeltaPotential(["Cu", "C"]).fit([training_set[0], moved])
+    assert DeltaPotential(["Cu", "C"]).predict([]) == []
+
 
 # --------------------------------------------------------------------------------------------- networks
 
@@ -381,3 +396,16 @@ def test_feature_range_floor_is_a_training_setting_kept_with_the_model(tmp_path)
     pot = DeltaPotential(["Cu", "C"], ensemble=1, training=TrainingSettings(epochs=3, feature_range_floor=1.0)).fit(images)
     again = DeltaPotential.load(pot.save(tmp_path / "m.alflow"))
     assert again.training.feature_range_floor == 1.0
+
+
+def test_feature_range_floor_auto_falls_with_the_training_set_to_the_default():
+    auto = TrainingSettings(feature_range_floor="auto")
+    assert [auto.range_floor(n) for n in (1, 2, 4, 20, 150)] == [1.0, 0.5, 0.25, 0.05, 0.05]
+    assert TrainingSettings(feature_range_floor=0.3).range_floor(1) == 0.3
+    with pytest.raises(ValueError, match="feature_range_floor must be > 0 or 'auto'"):
+        TrainingSettings(feature_range_floor="big")
+    # a one-structure fit with "auto" scales exactly as one with the floor at 1
+    images = [rattled(62)]
+    scalers = [DeltaPotential(["Cu", "C"], ensemble=1, training=TrainingSettings(epochs=2, feature_range_floor=f))
+               .fit(images).scaler.inv_range for f in ("auto", 1.0)]
+    assert np.array_equal(scalers[0].numpy(), scalers[1].numpy())

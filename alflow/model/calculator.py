@@ -81,6 +81,14 @@ class DeltaCalculator(Calculator):
             check_overlaps(atoms, i, j, d, "structure")
         return self._graph
 
+    def check_state(self, atoms, tol=1e-15):
+        """ASE's changes, plus "constraints" when other atoms are fixed: the uncertainty is taken
+        over the free atoms only."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and not changes and not np.array_equal(free_mask(atoms), free_mask(self.atoms)):
+            changes.append("constraints")
+        return changes
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         graph = self._graph_for(self.atoms, system_changes)

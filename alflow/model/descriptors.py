@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from ase import Atoms
 from matscipy.neighbours import neighbour_list
+from scipy.spatial import cKDTree
 
 from alflow.model import kernels
 from alflow.overlaps import OVERLAP_FRACTION, OverlappingAtomsError, check_overlaps  # noqa: F401 (re-exported)
@@ -133,17 +134,35 @@ def species_indices(atoms: Atoms, elements: Sequence[str], where: str = "structu
 
 def _pairs(atoms: Atoms, cutoff: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Directed pairs (i, j, distance, Cartesian image offset) within ``cutoff``, all images."""
-    if atoms.pbc.any():
-        if abs(atoms.cell.volume) < 1e-9:
-            raise ValueError("a periodic structure needs a cell with non-zero volume")
-        i, j, d, S = neighbour_list("ijdS", atoms, cutoff)
-        return i, j, d, S @ atoms.cell.array
-    # isolated structure: an explicit box that pads the atoms' extent by the cutoff (matscipy's
-    # own shrink-wrapped box is singular for flat structures such as a dimer on an axis)
-    positions = atoms.positions - atoms.positions.min(0) + cutoff
-    box = np.diag(np.ptp(atoms.positions, 0) + 2.0 * cutoff)
-    i, j, d = neighbour_list("ijd", positions=positions, cell=box, pbc=[False] * 3, cutoff=cutoff)
-    return i, j, d, np.zeros((len(i), 3))
+    if not atoms.pbc.any():  # isolated: a k-d tree, whose cost does not grow with the atoms' extent
+        pairs = cKDTree(atoms.positions).query_pairs(cutoff, output_type="ndarray")
+        i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
+        d = np.linalg.norm(atoms.positions[j] - atoms.positions[i], axis=1)
+        return i, j, d, np.zeros((len(i), 3))
+    atoms = _completed_cell(atoms, cutoff)
+    if abs(atoms.cell.volume) < 1e-9:
+        raise ValueError("a periodic structure needs a cell with non-zero volume along its periodic directions")
+    i, j, d, S = neighbour_list("ijdS", atoms, cutoff)
+    return i, j, d, S @ atoms.cell.array
+
+
+def _completed_cell(atoms: Atoms, cutoff: float) -> Atoms:
+    """``atoms``, or a copy whose missing (zero) cell vectors along non-periodic directions are
+    orthogonal ones spanning the atoms plus the cutoff on both sides (a slab built without vacuum
+    has c = 0); the positions are shifted into it, which changes no distance."""
+    missing = (atoms.cell.lengths() < 1e-9) & ~atoms.pbc
+    if not missing.any():
+        return atoms
+    work = Atoms(atoms.numbers, positions=atoms.positions, cell=atoms.cell.complete(), pbc=atoms.pbc)
+    cell, positions = work.cell.array.copy(), work.positions
+    for k in np.flatnonzero(missing):
+        unit = cell[k] / np.linalg.norm(cell[k])
+        projection = positions @ unit
+        cell[k] = unit * (np.ptp(projection) + 2.0 * cutoff)
+        positions = positions - unit * (projection.min() - cutoff)
+    work.set_cell(cell)
+    work.positions = positions
+    return work
 
 
 def _triplets(pair_i: np.ndarray, n_atoms: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +195,8 @@ def build_graph(
     n0 = p0 = 0
     for s, atoms in enumerate(images):
         where = names[s] if names is not None else f"structure {s}"
+        if len(atoms) == 0:
+            raise ValueError(f"{where} has no atoms")
         species = species_indices(atoms, sf.elements, where)
         i, j, d, offset = _pairs(atoms, reach)
         order = np.argsort(i, kind="stable")

@@ -59,6 +59,11 @@ def _labels(images: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray]:
                 f"training structure {k} ({atoms.get_chemical_formula()}) has no energy and forces attached "
                 "(attach them with a SinglePointCalculator or an oracle calculation)"
             )
+        if getattr(calc, "atoms", None) is not None and calc.check_state(atoms):
+            raise ValueError(
+                f"training structure {k} ({atoms.get_chemical_formula()}): its energy and forces were computed "
+                f"for another structure (changed since: {', '.join(calc.check_state(atoms))})"
+            )
         energies.append(float(results["energy"]))
         forces.append(np.asarray(results["forces"], dtype=float).reshape(len(atoms), 3))
     return np.array(energies), np.concatenate(forces)
@@ -245,6 +250,8 @@ class DeltaPotential:
     def predict(self, images: Sequence[Atoms] | Atoms) -> list[EnsemblePrediction]:
         """Ensemble mean, spread and uncertainty for each structure (batched in one pass)."""
         images = [images] if isinstance(images, Atoms) else list(images)
+        if not images:
+            return []
         graph = build_graph(images, self.descriptor)
         ev = self.evaluate(graph)
         out, start = [], 0
