@@ -29,9 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import yaml
 from ase import Atoms
 from ase.io import read
+
+from alflow.model.morse import MissingMorseParameters, lookup
+from alflow.oracles import emt_options, import_callable
 
 
 class SpecError(ValueError):
@@ -230,6 +234,9 @@ def _system(raw: Any, base: Path, kind: str, where: tuple[str, ...]) -> tuple[di
     images = [_load_structure(base, system[k], where + (k,)) for k in keys]
     if kind == "neb" and images[0].get_chemical_symbols() != images[1].get_chemical_symbols():
         raise SpecError(f"{_at(where)}: initial and final must have the same atoms in the same order")
+    if kind == "neb" and (not np.allclose(images[0].cell.array, images[1].cell.array)
+                          or not np.array_equal(images[0].pbc, images[1].pbc)):
+        raise SpecError(f"{_at(where)}: initial and final must have the same cell and pbc")
     return system, images
 
 
@@ -251,8 +258,17 @@ def _oracle(raw: Any, where: tuple[str, ...], base: Path | None = None) -> dict:
             raise SpecError(
                 f"{_at(where + ('callable',))}: must look like 'package.module:function', got {oracle['callable']!r}"
             )
+        try:  # now, not at the first label: nothing is written or paid for an oracle that cannot exist
+            import_callable(oracle["callable"])
+        except ValueError as exc:
+            raise SpecError(f"{_at(where + ('callable',))}: {exc}") from None
         return oracle
-    return _fields(raw, where, {"kind": (_text, REQUIRED), "options": (_mapping, {})})
+    oracle = _fields(raw, where, {"kind": (_text, REQUIRED), "options": (_mapping, {})})
+    try:
+        emt_options(oracle["options"])
+    except ValueError as exc:
+        raise SpecError(f"{_at(where + ('options',))}: {exc}") from None
+    return oracle
 
 
 def _morse_params(v):
@@ -319,6 +335,8 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
             "reuse_initial_within": (_optional(_number(0.0)), None),
         },
     )
+    if "threshold" in raw and learner["kind"] != "online":
+        raise SpecError(f"{_at(where + ('threshold',))}: applies only to learner.kind: online; set that or remove it")
     if learner["refine_below"] is not None and (kind != "relax" or learner["kind"] != "offline"):
         raise SpecError(f"{_at(where + ('refine_below',))}: only offline relax campaigns refine; remove it")
     for key, needs in (("refine_anchors", "refine_below"), ("refine_fmax", "refine_below"),
@@ -370,11 +388,20 @@ def parse_spec(data: Any, path: Path) -> CampaignSpec:
         raise SpecError(f"{_at(where + ('name',))}: {exc}") from None
     sim = raw["simulation"]
     kind = sim.get("kind") if isinstance(sim, Mapping) else None
-    if kind not in SIMULATION_FIELDS:
+    if not isinstance(kind, str) or kind not in SIMULATION_FIELDS:
         raise SpecError(f"{_at(where + ('simulation', 'kind'))}: must be one of {', '.join(SIMULATION_FIELDS)}, got {kind!r}")
     simulation = _fields({k: v for k, v in sim.items() if k != "kind"}, where + ("simulation",), SIMULATION_FIELDS[kind])
     base = path.parent
     system, images = _system(raw["system"], base, kind, where + ("system",))
+    model = _model(raw["model"], where + ("model",))
+    if model["prior"] == "morse":
+        try:
+            lookup(sorted(set(images[0].get_chemical_symbols())), model["morse_params"])
+        except MissingMorseParameters as exc:
+            raise SpecError(f"{_at(where + ('model', 'prior'))}: {exc}") from None
+    results = (base / (raw["results"] or f"results/{name}")).resolve()
+    if results.exists() and not results.is_dir():
+        raise SpecError(f"{_at(where + ('results',))}: {results} exists and is not a directory")
     return CampaignSpec(
         name=name,
         path=path.resolve(),
@@ -383,11 +410,25 @@ def parse_spec(data: Any, path: Path) -> CampaignSpec:
         system=system,
         simulation=simulation,
         oracle=_oracle(raw["oracle"], where + ("oracle",), base),
-        model=_model(raw["model"], where + ("model",)),
+        model=model,
         learner=_learner(raw["learner"], kind, where + ("learner",)),
-        results=(base / (raw["results"] or f"results/{name}")).resolve(),
+        results=results,
         report=_report(raw["report"], where + ("report",)),
     )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML forbids it; PyYAML's
+    own loader keeps the last silently, so a second ``learner:`` would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load_spec(path: str | Path) -> CampaignSpec:
@@ -396,7 +437,9 @@ def load_spec(path: str | Path) -> CampaignSpec:
     if not path.is_file():
         raise SpecError(f"{path}: spec file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path.name}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

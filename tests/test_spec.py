@@ -130,6 +130,13 @@ def test_neb_band_matching_keys(folder):
          r"campaign.yaml: learner.refine_below: only offline relax campaigns refine"),
         (dict(model__morse_params={"Cu": {"De": 2.0, "re": 2.2, "a": -1.0}}),
          r"campaign.yaml: model.morse_params: Cu: Morse parameter a must be a positive number, got -1.0"),
+        (dict(simulation__kind=["relax"]), r"campaign.yaml: simulation.kind: must be one of relax, neb, md, got \['relax'\]"),
+        (dict(oracle={"kind": "python", "callable": "no_such_module.oracles:make"}),
+         r"campaign.yaml: oracle.callable: cannot import oracle callable 'no_such_module.oracles:make'"),
+        (dict(oracle={"kind": "emt", "options": {"asap_cutoff": True, "cutoff": 6}}),
+         r"campaign.yaml: oracle.options: unknown option\(s\) cutoff for the emt oracle"),
+        (dict(learner__threshold=0.1), r"campaign.yaml: learner.threshold: applies only to learner.kind: online"),
+        (dict(results="start.traj"), r"campaign.yaml: results: .*start.traj exists and is not a directory"),
     ],
 )
 def test_bad_fields_give_one_line_errors_naming_them(folder, changes, message):
@@ -169,3 +176,29 @@ def test_validation_writes_nothing(folder):
         load_spec(spec_file(folder, edited(model__ensemble=0), "bad.yaml"))
     assert sorted(p.name for p in folder.iterdir()) == sorted(before + ["bad.yaml"])
 
+
+
+def test_what_would_fail_only_after_paying_is_refused_first(folder):
+    """Spec errors that used to surface at the first label or training, after calls were paid."""
+    from ase.build import bulk
+
+    write(folder / "fe.traj", bulk("Fe", cubic=True))
+    with pytest.raises(SpecError, match=r"campaign.yaml: model.prior: no Morse parameters for element\(s\) Fe"):
+        load_spec(spec_file(folder, edited(system__structure="fe.traj")))
+    load_spec(spec_file(folder, edited(system__structure="fe.traj", model__prior="none")))
+    neb = edited(system={"initial": "initial.traj", "final": "stretched.traj"},
+                 simulation={"kind": "neb", "images": 3}, learner={"stop": {"energy_tol": 0.01}})
+    _, final = o_cu100_neb_endpoints()
+    final.set_cell(final.cell * 1.01, scale_atoms=True)
+    write(folder / "stretched.traj", final)
+    with pytest.raises(SpecError, match=r"campaign.yaml: system: initial and final must have the same cell and pbc"):
+        load_spec(spec_file(folder, neb))
+
+
+def test_a_key_given_twice_or_bytes_that_are_not_utf8_are_refused(folder):
+    text = yaml.safe_dump(BASE) + "learner: {stop: {fmax: 0.5}}\n"  # a second learner: would replace the first
+    with pytest.raises(SpecError, match=r"campaign.yaml: YAML syntax error at line \d+, column 1: key 'learner' given twice"):
+        load_spec(spec_file(folder, text))
+    (folder / "latin1.yaml").write_bytes(("# r\u00e9sum\u00e9\n" + yaml.safe_dump(BASE)).encode("latin-1"))
+    with pytest.raises(SpecError, match=r"latin1.yaml: not UTF-8 text"):
+        load_spec(folder / "latin1.yaml")

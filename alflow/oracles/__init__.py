@@ -43,7 +43,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown oracle kind '{kind}' (known: {', '.join(KINDS)})")
 
 
-def _emt_options(options: Mapping[str, Any]) -> dict[str, Any]:
+def emt_options(options: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - set(EMT.default_parameters))
     if unknown:
         raise ValueError(
@@ -95,7 +95,7 @@ def calculator_factory(kind: str, options: Mapping[str, Any] | None = None) -> C
     _check_kind(kind)
     options = options or {}
     if kind == "emt":
-        emt_kwargs = _emt_options(options)
+        emt_kwargs = emt_options(options)
         return lambda: EMT(**emt_kwargs)
     if kind in DFT_KINDS:  # settings as a spec's oracle section holds them (flat keys)
         settings = dft_settings(kind, options)
@@ -116,7 +116,7 @@ def describe(kind: str, options: Mapping[str, Any] | None = None) -> str:
     _check_kind(kind)
     options = options or {}
     if kind == "emt":
-        extra = "".join(f", {k}={v!r}" for k, v in _emt_options(options).items())
+        extra = "".join(f", {k}={v!r}" for k, v in emt_options(options).items())
         return f"EMT (ASE {ase.__version__}{extra})"
     if kind in DFT_KINDS:
         module = importlib.import_module(f"alflow.oracles.{kind}")
