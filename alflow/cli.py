@@ -171,17 +171,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     import threading
     import time
 
+    from alflow.runner import store_in_use
     from alflow.status import format_table, iteration_table, status_rows
 
-    if args.watch is not None and args.watch <= 0:
-        raise UsageError(f"--watch: seconds must be > 0, got {args.watch:g}")
+    if args.watch is not None and not 0 < args.watch <= 86400:  # also NaN and inf
+        raise UsageError(f"--watch: seconds must be > 0 and at most 86400, got {args.watch:g}")
     clear = args.watch is not None and sys.stdout.isatty()
     stop = threading.Event()
     if args.watch is not None:
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     while not stop.is_set():
         db = _database(args)
-        table = iteration_table(db, args.campaign) if args.campaign else format_table(status_rows(db))
+        if args.campaign:
+            table = iteration_table(db, args.campaign)
+        else:  # embedded: whether an alflow process holds the store tells running from interrupted
+            owner = None if args.launchpad else store_in_use(args.store)
+            table = format_table(status_rows(db, owner), None if args.launchpad else str(args.store))
         if clear:
             print("\033[H\033[2J", end="")
         if args.watch is not None:

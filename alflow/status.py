@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 ACTIVE = ("RUNNING", "RESERVED")
+INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -40,8 +41,9 @@ def _stage(db, name: str) -> str:
     return f"{doc['name'][len(name) + 2:]} ({doc['state'].lower()})"
 
 
-def status_rows(db) -> list[StatusRow]:
-    """One row per campaign in ``db`` (oldest first)."""
+def status_rows(db, owner_running: bool | None = None) -> list[StatusRow]:
+    """One row per campaign in ``db`` (oldest first). ``owner_running`` False (an embedded store
+    no alflow process holds): a campaign still marked running shows as "interrupted"."""
     rows = []
     for c in db["campaigns"].find({}).sort("created_on", 1):
         name, n = c["name"], c.get("counters") or {}
@@ -51,14 +53,18 @@ def status_rows(db) -> list[StatusRow]:
             if value is not None:
                 last = float(value)
                 break
-        rows.append(StatusRow(name, c.get("kind", "?"), c.get("status", "?"), int(c.get("iteration", 0)),
+        status = c.get("status", "?")
+        if status == "running" and owner_running is False:
+            status = INTERRUPTED
+        rows.append(StatusRow(name, c.get("kind", "?"), status, int(c.get("iteration", 0)),
                               _stage(db, name), int(n.get("oracle_calls", 0)), int(n.get("reused_labels", 0)),
                               int(n.get("failed_labels", 0)), last))
     return rows
 
 
-def format_table(rows: list[StatusRow]) -> str:
-    """The rows as a fixed-width text table (campaign names first, so lines start with them)."""
+def format_table(rows: list[StatusRow], store: str | None = None) -> str:
+    """The rows as a fixed-width text table (campaign names first, so lines start with them);
+    ``store``: the directory an interrupted campaign is resumed from."""
     lines = [f"{'campaign':<28}{'kind':<7}{'status':<11}{'round':>6}  {'stage':<26}{'paid':>6}{'reused':>8}"
              f"{'failed':>8}  {'last unc. (eV/Å)':>16}"]
     for r in rows:
@@ -67,6 +73,9 @@ def format_table(rows: list[StatusRow]) -> str:
                      f"{r.reused:>8}{r.failed:>8}  {unc:>16}")
     if not rows:
         lines.append("(no campaign in this store)")
+    if any(r.status == INTERRUPTED for r in rows):
+        lines.append(f"{INTERRUPTED}: no alflow process is running it; finish it with `alflow resume --store {store}`"
+                     if store else f"{INTERRUPTED}: finish it with `alflow resume`")
     return "\n".join(lines)
 
 

@@ -99,6 +99,18 @@ def test_report_and_status_never_write_the_store(reported):
     assert _stamp(store) == before
 
 
+def test_status_names_a_store_file_it_cannot_read_and_refuses_bad_watch_periods(tmp_path):
+    (tmp_path / "store").mkdir()
+    for text, detail in (("[]", "not a mapping of databases"), ('{"alflow": {', "Expecting property name")):
+        (tmp_path / "store" / "store.json").write_text(text)
+        proc = run_cli("status", "--store", "store", cwd=tmp_path)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"store.json: not an alflow store snapshot ({detail}" in proc.stderr
+    for period in ("inf", "nan", "0"):
+        proc = run_cli("status", "--store", "store", "--watch", period, cwd=tmp_path)
+        assert proc.returncode != 0 and f"--watch: seconds must be > 0 and at most 86400, got {period}" in proc.stderr
+
+
 def test_status_watch_redraws_until_ctrl_c(reported):
     folder, _, before = reported
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -224,3 +236,42 @@ def test_campaign_wall_time_counts_overlapping_launches_once_and_gaps_not_at_all
     assert _covered_seconds([s(0, 10), s(5, 12), s(12, 20), s(3620, 3630)]) == 30.0
     assert _covered_seconds([s(0, 10), s(2, 4)]) == 10.0
     assert _covered_seconds([]) is None
+
+
+def test_direct_run_estimate_comes_from_a_relaxation_that_began_at_the_start():
+    """A refined round relaxes from its best label, an online round from the last minimum: a few
+    steps that say nothing about the direct relaxation from the start."""
+    from alflow.report.data import CampaignData, Iteration, direct_oracle_calls
+
+    def rounds(*metrics):
+        return [Iteration(k + 1, 1, 0, 0, None, None, None, m) for k, m in enumerate(metrics)]
+
+    def data(iterations, learner="offline"):
+        return CampaignData(name="c", kind="relax", status="completed", spec={"learner": {"kind": learner}},
+                            summary=None, counters={}, iterations=iterations, labels=[], failures=[], stages=[],
+                            wall_seconds=None, start_structures=[])
+
+    plain = {"simulation_steps": 24, "simulation_converged": True}
+    refined = {"simulation_steps": 3, "simulation_converged": True, "refined_from_fmax_oracle": 0.4}
+    count = direct_oracle_calls(data(rounds(plain, {**plain, "simulation_steps": 28}, refined, refined)))
+    assert (count.value, count.source) == (29, "estimate") and "round 2" in count.note
+    assert direct_oracle_calls(data(rounds(plain, {**plain, "simulation_steps": 2}), "online")).value == 25
+    assert direct_oracle_calls(data(rounds(refined))).source == "not given"
+
+
+def test_a_wide_axis_goes_log_and_symmetric_log_when_a_value_is_not_positive():
+    import matplotlib.pyplot as plt
+
+    from alflow.report.figures import _log_if_wide
+
+    scales = []
+    for values in ([0.1, 0.2], [0.001, 1.0], [-0.03, 0.0002, 0.13]):  # an oracle barrier can be negative
+        fig, ax = plt.subplots()
+        ax.plot(range(len(values)), values)
+        _log_if_wide(ax, values)
+        scales.append(ax.get_yscale())
+        if min(values) < 0:
+            fig.canvas.draw()
+            assert ax.get_ylim()[0] < min(values)  # drawn, not clipped off the axis
+        plt.close(fig)
+    assert scales == ["linear", "log", "symlog"]

@@ -108,6 +108,15 @@ def test_oracle_calls_run_in_parallel_workers(reference):
     assert_each_call_once(reference)
 
 
+def test_store_in_use_while_a_runner_holds_the_lock(tmp_path):
+    from alflow.runner import store_in_use, store_lock
+
+    assert not store_in_use(tmp_path / "nowhere")
+    with store_lock(tmp_path / "store"):
+        assert store_in_use(tmp_path / "store")
+    assert not store_in_use(tmp_path / "store")
+
+
 def test_second_process_on_a_store_is_refused(tmp_path):
     spec = md_spec(tmp_path, seconds=1.0, rounds=1)
     first = start_alflow("run", spec.name, "--store", "store", cwd=tmp_path)
@@ -230,6 +239,9 @@ def test_ctrl_c_stops_the_run_and_resume_redoes_the_interrupted_firework(tmp_pat
     assert err.strip().splitlines()[-1] == "alflow: interrupted; `alflow resume --store store` goes on from here"
     fireworks = [d for _, d in store_is_whole(tmp_path)["alflow"]["fireworks"]["documents"]]
     assert "FIZZLED" not in {d["state"] for d in fireworks}  # the user's Ctrl-C is not the firework's failure
+    status = alflow("status", "--store", "store", cwd=tmp_path)  # no process holds the store: not "running"
+    row = status.stdout.splitlines()[1].split()
+    assert row[2] == "interrupted" and "`alflow resume --store store`" in status.stdout.splitlines()[-1]
     resumed = alflow("resume", "--store", "store", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     s, ref = summary(tmp_path), summary(reference)

@@ -152,7 +152,10 @@ def test_submit_refuses_a_bad_spec_or_launchpad_in_one_line(tmp_path, monkeypatc
         ("spec.yaml", "nobody.yaml"): "nobody.yaml: cannot reach the MongoDB server (127.0.0.1:9",
         ("spec.yaml", str(ROOT / "fw_configs" / "my_launchpad.yaml")): "ALFLOW_MONGO_PASSWORD",
         ("nope.yaml", str(ROOT / "fw_configs" / "my_launchpad.yaml")): "nope.yaml",
+        ("spec.yaml", "spec.yaml"): "spec.yaml: not a usable launchpad file (missing key 'host')",
+        ("spec.yaml", "tab.yaml"): "tab.yaml: YAML syntax error at line 2",
     }
+    (tmp_path / "tab.yaml").write_text("host: localhost\n\tport: 27017\n")
     for (spec_name, launchpad), named in cases.items():
         proc = _cli(sys.executable, "-m", "alflow", "submit", spec_name, "-l", launchpad, cwd=tmp_path)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and named in proc.stderr, proc.stderr

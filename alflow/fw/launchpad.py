@@ -23,7 +23,11 @@ def launchpad_settings(path: str | Path) -> dict:
     if missing:
         raise ValueError(f"{path}: environment variable{'s' if len(missing) > 1 else ''} "
                          f"{', '.join(missing)} not set")
-    settings = yaml.safe_load(_VARIABLE.sub(lambda m: os.environ[m.group(1)], text)) or {}
+    try:
+        settings = yaml.safe_load(_VARIABLE.sub(lambda m: os.environ[m.group(1)], text)) or {}
+    except yaml.YAMLError as exc:  # the message quotes no line: it could hold a substituted secret
+        mark = getattr(exc, "problem_mark", None)
+        raise ValueError(f"{path}: YAML syntax error{f' at line {mark.line + 1}' if mark else ''}") from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path}: not a launchpad file (expected a mapping of FireWorks LaunchPad settings)")
     return settings
@@ -37,4 +41,8 @@ def launchpad_from_file(path: str | Path):
 
     if fw_config.MONGOMOCK_SERVERSTORE_FILE:
         raise RuntimeError("FireWorks is in its embedded (mongomock) mode in this process: use --store DIR, not -l")
-    return LaunchPad.from_dict(settings)
+    try:
+        return LaunchPad.from_dict(settings)
+    except (KeyError, TypeError, ValueError) as exc:  # e.g. no host, a port that is not a number
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else type(exc).__name__
+        raise ValueError(f"{path}: not a usable launchpad file ({detail})") from None

@@ -283,8 +283,9 @@ def _covered_seconds(intervals: list[tuple[datetime, datetime]]) -> float | None
 def direct_oracle_calls(data: CampaignData) -> DirectCount:
     """The direct run's oracle calls: given in the spec (``report.direct_oracle_calls``), else an
     estimate from what the campaign recorded, clearly labelled as one (MD: one call per step of a
-    run as long; relax: the final ML relaxation's steps; NEB: its band steps × moving images; only
-    when that final ML run converged), else "not given"."""
+    run as long; relax: the steps of the last ML relaxation that began at the start structure, not
+    at a refinement's label nor at an online round's last minimum; NEB: the final band's steps ×
+    moving images; only when that ML run converged), else "not given"."""
     given = (data.spec.get("report") or {}).get("direct_oracle_calls")
     if given:
         return DirectCount(int(given), "given", "direct run, from the campaign spec")
@@ -292,13 +293,20 @@ def direct_oracle_calls(data: CampaignData) -> DirectCount:
     if data.kind == "md" and sim.get("steps"):
         return DirectCount(int(sim["steps"]) + 1, "estimate",
                            f"estimate: a direct MD of {sim['steps']} steps, one oracle call per step")
-    last = next((it for it in reversed(data.iterations) if it.metrics.get("simulation_steps") is not None), None)
+    online = data.spec.get("learner", {}).get("kind") == "online"
+
+    def from_start(it) -> bool:  # a relaxation that began where the direct run begins
+        return data.kind != "relax" or not (it.metrics.get("refined_from_fmax_oracle") is not None
+                                            or (online and it.number > 1))
+
+    last = next((it for it in reversed(data.iterations)
+                 if it.metrics.get("simulation_steps") is not None and from_start(it)), None)
     if last is not None and not last.metrics.get("simulation_converged"):
         last = None  # a run cut off by its step limit says nothing about the direct run's length
     if last is not None and data.kind == "relax":
         n = int(last.metrics["simulation_steps"]) + 1
-        return DirectCount(n, "estimate", f"estimate: force calls of the final ML relaxation "
-                                          f"(round {last.number}, same optimizer and start)")
+        return DirectCount(n, "estimate", f"estimate: force calls of the last ML relaxation from the start "
+                                          f"(round {last.number}, same optimizer)")
     if last is not None and data.kind == "neb":
         images = int(sim.get("images", 3))
         n = (int(last.metrics["simulation_steps"]) + 1) * images

@@ -69,10 +69,17 @@ def _colorbar(fig, ax, norm, cmap, label: str, iterations: Sequence[int]) -> Non
 
 
 def _log_if_wide(ax, values: Sequence[float | None], axis: str = "y", decades: float = 1.0) -> None:
-    """Log scale when the positive values span more than ``decades`` decades."""
-    v = np.array([x for x in values if x is not None and x > 0], dtype=float)
-    if v.size and np.log10(v.max() / v.min()) > decades:
-        (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    """Log scale when the values' magnitudes span more than ``decades`` decades; symmetric log
+    (linear near zero) when one is zero or negative, which a log axis would not draw."""
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    size = np.abs(v[v != 0])
+    if not size.size or np.log10(size.max() / size.min()) <= decades:
+        return
+    scale = ax.set_yscale if axis == "y" else ax.set_xscale
+    if (v <= 0).any():
+        scale("symlog", linthresh=float(size.min()))
+    else:
+        scale("log")
 
 
 def _plotted(ax) -> list[float]:

@@ -30,7 +30,12 @@ def load_snapshot(path: str | Path):
     from mongomock import MongoClient
     from mongomock.store import ServerStore
 
-    data = json_util.loads(Path(path).read_text() or "{}")
+    try:
+        data = json_util.loads(Path(path).read_text() or "{}")
+        if not isinstance(data, dict) or not all(isinstance(c, dict) for c in data.values()):
+            raise ValueError("not a mapping of databases")
+    except ValueError as exc:  # json's errors are ValueErrors
+        raise ValueError(f"{path}: not an alflow store snapshot ({exc})") from None
     # ServerStore without its __init__: once mongomock-persistence is imported (FireWorks does in
     # its mongomock mode) that __init__ opens $MONGOMOCK_SERVERSTORE_FILE and writes it at exit
     server = ServerStore.__new__(ServerStore)
