@@ -177,6 +177,15 @@ class EmbeddedRunner:
         self.launches = launches or store_path.parent / "launches"
         self.launches.mkdir(parents=True, exist_ok=True)
         launchpad.alflow_checkpoint = self.save  # the online learner's labels, stored mid-firework
+        checkout = launchpad.checkout_fw
+
+        def checkout_and_save(*args, **kwargs):  # an in-process firework is on disk as RUNNING while it
+            fw, launch_id = checkout(*args, **kwargs)  # runs, so `alflow status` names it (not the last one)
+            if fw is not None and kwargs.get("state", "RUNNING") == "RUNNING":
+                self.save()
+            return fw, launch_id
+
+        launchpad.checkout_fw = checkout_and_save
         # in-process fireworks: ML ones only when workers take the oracle calls
         query = {"name": {"$regex": f"^{re.escape(campaign)}: "}} if campaign else None
         self.local = FWorker(name="alflow-embedded", category="ml" if workers else "", query=query)
