@@ -41,6 +41,7 @@ from alflow.store.embedded import (  # noqa: F401 (STORE_FILE, snapshot, use_sto
 LOCK_FILE = "lock"
 POLL_SECONDS = 0.2
 LOCK_ATTEMPTS = 5
+ERROR_LOG = "error.log"  # an in-process firework's traceback, in its launch dir
 MAX_LOST_RUNS = 3  # a firework whose worker died this often without a result is recorded as failed
 
 
@@ -230,10 +231,14 @@ class EmbeddedRunner:
 
         launch_dir, here = self._new_launch_dir(), os.getcwd()
         os.chdir(launch_dir)
-        try:
-            ran = launch_rocket(self.lp, self.local, strm_lvl="ERROR")
+        error_log = launch_dir / ERROR_LOG
+        try:  # a failing task's traceback goes to its launch dir, the terminal gets one line
+            with open(error_log, "w") as err:
+                ran = launch_rocket(self.lp, self.local, strm_lvl="ERROR", err_file=err)
         finally:
             os.chdir(here)
+            if error_log.stat().st_size == 0:
+                error_log.unlink()
         if not ran:
             with contextlib.suppress(OSError):  # nothing ran there: drop the empty folder
                 launch_dir.rmdir()
@@ -440,7 +445,12 @@ def _failure(launchpad, name: str) -> str:
     if fw is None:
         waiting = launchpad.fireworks.count_documents({**mine, "state": "WAITING"})
         return f"{waiting} fireworks are still waiting and none can run"
-    return f"firework '{fw['name']}' failed: {_last_error(launchpad, fw['fw_id']) or 'no traceback recorded'}"
+    message = f"firework '{fw['name']}' failed: {_last_error(launchpad, fw['fw_id']) or 'no traceback recorded'}"
+    launch = launchpad.launches.find_one({"fw_id": fw["fw_id"], "state": "FIZZLED"}, {"launch_dir": 1},
+                                         sort=[("time_end", -1)]) or {}
+    logs = [Path(launch.get("launch_dir", "")) / f for f in (ERROR_LOG, "worker.log")] if launch.get("launch_dir") else []
+    log = next((p for p in logs if p.is_file()), None)
+    return message + (f" (traceback: {log})" if log else "")
 
 
 def _last_error(launchpad, fw_id: int) -> str:

@@ -96,3 +96,8 @@ class DyingEMT(EMT):
 
 def dying_emt(log: str) -> EMT:
     return DyingEMT(log)
+
+
+def broken_strategy(ctx, samples):
+    """A query plug-in with a bug: its firework fizzles."""
+    raise ValueError("this plug-in is broken")

@@ -228,3 +228,15 @@ def test_refinement_starts_each_round_at_the_best_label_matched_to_the_oracle(tm
         if r["metrics"]["simulation_converged"]:
             last = store.load_trajectory(r["files"]["trajectory"])[-1]
             assert max_force(last.get_forces(apply_constraint=False), free_mask(c_cu100())) <= 0.005
+
+
+def test_a_fizzled_firework_is_one_line_with_the_traceback_left_in_its_launch_dir(tmp_path):
+    spec = relax_spec(tmp_path, "broken-query", {"kind": "emt"}, rounds=2)
+    spec.write_text(spec.read_text().replace("strategy: relax_final", "strategy: flaky_oracle:broken_strategy"))
+    proc = run_cli("run", spec.name, "--store", "store", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert "firework 'broken-query: round 1' failed: ValueError: this plug-in is broken (traceback: " in line
+    log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
+    assert log.name == "error.log" and "this plug-in is broken" in log.read_text()
