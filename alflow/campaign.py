@@ -27,7 +27,8 @@ from ase.geometry import find_mic
 from ase.io import write
 
 from alflow import metrics, query, refine, simulate, stop
-from alflow.model import DeltaPotential, TrainingSettings
+from alflow.model import DeltaPotential, SymmetryFunctions, TrainingSettings
+from alflow.model.descriptors import frame_features
 from alflow.oracles import cache_settings, failures
 from alflow.constraints import free_mask
 from alflow.spec import CampaignSpec
@@ -86,6 +87,18 @@ def split_cached(store, campaign: Mapping, candidates: list[Candidate]) -> tuple
         else:
             reused.append({"label_id": str(label["_id"]), "candidate": c.to_dict()})
     return to_compute, reused
+
+
+def within_budget(campaign: Mapping, to_compute: list[Candidate], key: Candidate | None) -> list[Candidate]:
+    """``to_compute`` cut to the oracle calls ``max_oracle_calls`` still allows (all of them without
+    that budget): the key structure first, then (NEB) the band's initial state, then the picks."""
+    criteria = stop.StopCriteria.from_dict(campaign["spec"]["learner"]["stop"], campaign["kind"])
+    left = criteria.remaining_oracle_calls(campaign["counters"]["oracle_calls"])
+    if left is None or len(to_compute) <= left:
+        return to_compute
+    first = {key.hash, (key.prediction.get("initial") or {}).get("hash")} if key is not None else set()
+    ranked = sorted(to_compute, key=lambda c: (c.hash not in first, c.hash != getattr(key, "hash", None)))
+    return ranked[:left]
 
 
 PREDICTION_KEYS = ("energy", "forces", "uncertainty")  # of a candidate's prediction, kept with its label
@@ -261,12 +274,16 @@ def run_simulation(
 
 
 def simulation_metrics(result: simulate.SimulationResult, seconds: float) -> dict:
-    """Iteration metrics of a round's ML simulation: steps, converged, its wall time (s) and the
-    largest ensemble uncertainty (eV/Å) over every recorded frame (NEB: every band of every step)."""
+    """Iteration metrics of a round's ML simulation: steps, converged, its wall time (s), the
+    largest ensemble uncertainty (eV/Å) over every recorded frame (NEB: every band of every step)
+    and (MD) the seed it ran with."""
     values = [np.asarray(f.info.get("uncertainty", np.nan), dtype=float).max() for f in result.frames]
     finite = [float(u) for u in values if np.isfinite(u)]
-    return {"simulation_steps": result.steps, "simulation_converged": result.converged,
-            "simulation_seconds": seconds, "max_uncertainty": max(finite) if finite else None}
+    metrics = {"simulation_steps": result.steps, "simulation_converged": result.converged,
+               "simulation_seconds": seconds, "max_uncertainty": max(finite) if finite else None}
+    if result.seed is not None:  # MD: the velocity (and Langevin noise) seed this round used
+        metrics["md_seed"] = result.seed
+    return metrics
 
 
 def choose(
@@ -289,6 +306,7 @@ def choose(
     ctx = query.QueryContext(
         frames=frames, kind=campaign["kind"], labelled=labelled,
         rng=np.random.default_rng(campaign["spec"]["model"]["seed"] * 104729 + iteration),
+        features=lambda fs: frame_features(fs, SymmetryFunctions(campaign["elements"])),  # the model's descriptors
     )
     options = dict(q["options"])
     tolerance = campaign["spec"]["learner"]["stop"].get("endpoint_gap")

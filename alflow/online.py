@@ -204,10 +204,17 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
     starts = [steps.structure_from_dict(s) for s in campaign["start_structures"]]
     training = steps.training_images(store, campaign)
     pot = steps.new_potential(campaign, iteration).fit(training)
+    # the round's checks after the simulation: key structure (NEB: and its initial state), or MD's validation
+    checks = {"relax": 1, "neb": 2, "md": spec["learner"]["query"]["samples"]}[kind]
     while True:
         oracle = StoreOracle(store, campaign, iteration)
         budget = criteria.remaining_oracle_calls(campaign["counters"]["oracle_calls"])
-        learner = OnlineLearner(pot, training, oracle, spec["learner"]["threshold"], max_oracle_calls=budget)
+        # the learner leaves the checks their calls, so that max_oracle_calls holds with them
+        learner = OnlineLearner(pot, training, oracle, spec["learner"]["threshold"],
+                                max_oracle_calls=None if budget is None else max(budget - checks, 0))
+
+        def affordable() -> bool:
+            return budget is None or oracle.paid() < budget
         start = time.perf_counter()
         result = steps.run_simulation(learner.fork, campaign, iteration, starts)
         frames = result.band if kind == "neb" else result.frames
@@ -215,14 +222,24 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
         store.record_iteration(name, iteration, steps.simulation_metrics(result, time.perf_counter() - start),
                                trajectory=trajectory)
         key = None
-        if kind in ("relax", "neb") and not result.stopped:
+        if kind in ("relax", "neb") and not result.stopped and affordable():
+            # the model's own prediction, not the learner's answer (the oracle's, where it was called inline)
             key_cand = steps.Candidate.of(result.final, "final")
+            key_cand.prediction = _ml_prediction(pot, result.final)
+            if kind == "neb":  # the barrier is measured from the band's initial state, as offline
+                initial = steps.Candidate.of(frames[0], "query", 0)
+                initial.prediction = _ml_prediction(pot, frames[0])
+                key_cand.prediction["initial"] = initial.to_dict()
             oracle.label(key_cand, result.final)
             key = key_cand.to_dict()
+            if kind == "neb" and affordable():
+                oracle.label(initial, frames[0])
         elif kind == "md":
             # validation frames: unseen by the learner, with the model's prediction (not the learner's answer)
             picks, _ = steps.choose(store, campaign, result, iteration, also_labelled=learner.labelled_hashes())
             for c in picks:
+                if not affordable():
+                    break
                 atoms = steps.structure_from_dict(c.structure)
                 c.prediction = _ml_prediction(pot, atoms)
                 oracle.label(c, atoms)

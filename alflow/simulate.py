@@ -385,7 +385,9 @@ def md(
     """
     settings = settings or MDSettings()
     settings.__post_init__()
-    seed = int(np.random.SeedSequence().entropy) if settings.seed is None else int(settings.seed)
+    # a fresh seed fits 63 bits, so a store (BSON: 64-bit integers) can record it
+    seed = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1) if settings.seed is None \
+        else int(settings.seed)
     rng = np.random.default_rng(seed)
     work = _working_copy(atoms, calculator)
     thermalize_momenta(work, temperature_K=settings.temperature_K, rng=rng)

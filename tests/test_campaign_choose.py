@@ -154,3 +154,41 @@ def test_endpoint_gap_needs_equivalent_endpoints_offline(tmp_path, learner, mess
         "learner": {**learner, "stop": {"energy_tol": 0.01, "endpoint_gap": 0.01}}}))
     with pytest.raises(SpecError, match=rf"spec.yaml: learner.stop.endpoint_gap: {message}"):
         load_spec(tmp_path / "spec.yaml")
+
+
+def test_a_round_s_calls_are_cut_to_the_budget_left_key_first(tmp_path):
+    store, campaign, initial, final = seeded_neb(tmp_path, within=None)  # the seed paid 2
+    band = band_from(initial, final, moved=0.2)
+    candidates, key = steps.choose(store, campaign, band, 1)
+    to_compute, _ = steps.split_cached(store, campaign, candidates)
+    initial_hash = key.prediction["initial"]["hash"]
+    assert {c.hash for c in to_compute} == {key.hash, initial_hash}
+    everything = [c.hash for c in to_compute]
+    for budget, kept in ((3, [key.hash]), (4, everything), (None, everything)):
+        stop = dict(campaign["spec"]["learner"]["stop"])
+        if budget is not None:
+            stop["max_oracle_calls"] = budget
+        limited = {**campaign, "spec": {**campaign["spec"], "learner": {**campaign["spec"]["learner"], "stop": stop}}}
+        assert [c.hash for c in steps.within_budget(limited, to_compute, key)] == kept
+
+
+def test_diversity_queries_frames_far_apart_in_the_model_s_descriptor_space(tmp_path):
+    from alflow.simulate import RelaxSettings, relax
+    from alflow.systems import c_cu100
+
+    write(tmp_path / "start.traj", c_cu100())
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "d", "system": {"structure": "start.traj"}, "simulation": {"kind": "relax"}, "oracle": {"kind": "emt"},
+        "learner": {"query": {"strategy": "diversity", "samples": 2}, "stop": {"fmax": 0.03}}}))
+    store = Store(mongomock.MongoClient()["alflow"])
+    steps.start(store, load_spec(tmp_path / "spec.yaml"))
+    result = relax(c_cu100(), EMT(), RelaxSettings(steps=12))  # EMT stands in for the model
+    for frame in result.frames:
+        frame.info["uncertainty"] = 0.1
+    candidates, key = steps.choose(store, store.campaign("d"), result, 1)
+    picks = [c.frame for c in candidates if c.role == "query"]
+    assert len(picks) == 2 and len(set(picks)) == 2 and key.hash in {c.hash for c in candidates}
+    # farthest-point: the second pick is the frame farthest from the first (equal uncertainties)
+    x = steps.frame_features(result.frames, steps.SymmetryFunctions(["Cu", "C"]))
+    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    assert picks[1] == int(np.argmax(np.linalg.norm(x - x[picks[0]], axis=1)))

@@ -74,3 +74,59 @@ def test_a_labelled_structure_is_answered_by_its_label_and_images_share_the_lear
     again.calc = calc.fork()
     assert np.allclose(again.get_forces(apply_constraint=False), emt_labelled(again).calc.results["forces"])
     assert calc.oracle_calls == 1 and again.calc.results["uncertainty"] == 0.0
+
+
+def _online_campaign(tmp_path, system: dict, simulation: dict, stop: dict):
+    import mongomock
+    import yaml
+
+    from alflow import campaign as steps
+    from alflow.oracles import compute_label
+    from alflow.spec import load_spec
+    from alflow.store import Store
+
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "o", "system": system, "simulation": simulation, "oracle": {"kind": "emt"},
+        "model": {"ensemble": 2, "epochs": 10, "warm_epochs": 3},
+        "learner": {"kind": "online", "threshold": 1e-6, "stop": stop}}))
+    spec = load_spec(tmp_path / "spec.yaml")
+    store = Store(mongomock.MongoClient()["alflow"])
+    steps.start(store, spec)
+    campaign = store.campaign("o")
+    steps.merge(store, campaign, 0, [{"candidate": c.to_dict(), "result": compute_label(
+        steps.structure_from_dict(c.structure), spec.oracle)} for c in steps.seed_candidates(campaign)], [])
+    return store, store.campaign("o")
+
+
+def test_online_checks_stay_within_max_oracle_calls(tmp_path):
+    from ase.io import write
+
+    from alflow.online import run_online
+
+    write(tmp_path / "s.traj", c_cu100())
+    store, campaign = _online_campaign(tmp_path, {"structure": "s.traj"}, {"kind": "relax", "steps": 15},
+                                       {"fmax": 0.001, "max_oracle_calls": 4})
+    outcome, _, _ = run_online(store, campaign, 1)  # a threshold that asks the oracle at every step
+    assert store.campaign("o")["counters"]["oracle_calls"] == 4  # the learner left the key check its call
+    assert "reached max_oracle_calls = 4 (4 oracle calls paid)" in outcome.decision.reason
+
+
+def test_online_neb_checks_the_model_s_own_saddle_energy_and_the_barrier(tmp_path):
+    from ase.io import write
+
+    from alflow.online import run_online
+    from alflow.systems import o_cu100_neb_endpoints
+
+    initial, final = o_cu100_neb_endpoints()
+    write(tmp_path / "i.traj", initial)
+    write(tmp_path / "f.traj", final)
+    store, campaign = _online_campaign(tmp_path, {"initial": "i.traj", "final": "f.traj"},
+                                       {"kind": "neb", "images": 1, "steps": 3},
+                                       {"barrier_tol": 0.5, "max_iterations": 2})
+    outcome, key, _ = run_online(store, campaign, 1)
+    label = store.label(key["hash"], campaign["oracle_hash"])
+    # the saddle was labelled inline, so the learner's answer there is the oracle's; the check
+    # takes the model's own prediction, which is not
+    assert key["prediction"]["energy"] != label["energy"]
+    assert outcome.metrics["saddle_energy_error"] == abs(key["prediction"]["energy"] - label["energy"]) > 0
+    assert outcome.metrics["barrier_error"] >= 0 and "initial" in key["prediction"]

@@ -233,7 +233,10 @@ def test_md_interval_berendsen_and_drawn_seed():
     res = md(c_cu100(), EMT(), MDSettings(steps=30, interval=7, thermostat="berendsen"))
     assert [f.info["step"] for f in res.frames] == [0, 7, 14, 21, 28, 30]  # + the last step
     assert res.final is res.frames[-1] and res.converged
-    assert isinstance(res.seed, int)
+    assert isinstance(res.seed, int) and 0 <= res.seed < 2**63  # a store (BSON int64) can record it
+    from alflow.campaign import simulation_metrics
+
+    assert simulation_metrics(res, 1.0)["md_seed"] == res.seed  # and a campaign round does
     # the recorded seed reproduces the run
     again = md(c_cu100(), EMT(), MDSettings(steps=30, interval=7, thermostat="berendsen", seed=res.seed))
     np.testing.assert_array_equal(again.final.positions, res.final.positions)

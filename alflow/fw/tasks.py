@@ -89,6 +89,7 @@ class ExploreTask(_StoreTask):
         store.record_iteration(campaign["name"], i, sim, trajectory=trajectory)
         candidates, key = steps.choose(store, campaign, result, i)
         to_compute, reused = steps.split_cached(store, campaign, candidates)
+        to_compute = steps.within_budget(campaign, to_compute, key)
         return FWAction(
             additions=label_round(campaign, i, to_compute, reused, key, str(trajectory)),
             stored_data={"simulation_converged": result.converged, "steps": result.steps,

@@ -365,6 +365,18 @@ class DescriptorDerivatives:
     d_angular: torch.Tensor
 
 
+def frame_features(frames: Sequence[Atoms], sf: SymmetryFunctions) -> np.ndarray:
+    """Every frame's descriptors of all its atoms, flattened: [n_frames, n_atoms * F] (the frames
+    of one trajectory or band: the same atoms in the same order). The ``diversity`` query's space."""
+    n = len(frames[0]) if len(frames) else 0
+    if any(len(f) != n for f in frames):
+        raise ValueError("frame_features needs frames with the same atoms (one trajectory or band)")
+    if not n:
+        return np.zeros((len(frames), 0))
+    graph = build_graph(frames, sf, check=False)
+    return symmetry_functions(sf, graph, graph.positions).detach().numpy().reshape(len(frames), n * sf.n_features)
+
+
 def _cutoff_and_slope(r: torch.Tensor, cutoff: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fc(r) and dfc/dr / (2r) = dfc/d(r²), both zero beyond the cutoff."""
     x = r.clamp_max(cutoff) * (math.pi / cutoff)
