@@ -227,8 +227,10 @@ def test_online_learner_killed_mid_round_resumes_without_paying_twice(tmp_path):
 
 def test_ctrl_c_stops_the_run_and_resume_redoes_the_interrupted_firework(tmp_path, reference):
     spec = md_spec(tmp_path, seconds=1.5)
+    # Ctrl-C as in a terminal: a suite started in the background (`… &`) passes SIGINT on ignored
     runner = subprocess.Popen([sys.executable, "-m", "alflow", "run", spec.name, "--store", "store"], cwd=tmp_path,
-                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while len(calls(tmp_path)) < 2 and time.time() < deadline:  # the seed and a first label of round 1
         time.sleep(0.05)

@@ -160,3 +160,53 @@ def test_submit_refuses_a_bad_spec_or_launchpad_in_one_line(tmp_path, monkeypatc
         proc = _cli(sys.executable, "-m", "alflow", "submit", spec_name, "-l", launchpad, cwd=tmp_path)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and named in proc.stderr, proc.stderr
     assert spec.exists() and not (tmp_path / "results").exists()
+
+
+def test_qlaunch_reservation_with_the_alflow_worker_and_recover_offline(tmp_path):
+    """docs/hpc.md §4 without a cluster: oracle fireworks reserved by the stock `qlaunch -r` with
+    `rocket_launch: python -m alflow.fw.worker singleshot --offline`, the job run by a stand-in
+    `sbatch`, the results brought back by `lpad recover_offline`; ML fireworks by `rlaunch`. The
+    store is a FireWorks mongomock file, every command a separate process."""
+    spec = _campaign(tmp_path)
+    submit = ("from alflow.runner import owned_store, submit\n"
+              "from alflow.spec import load_spec\n"
+              "from alflow.store.embedded import snapshot\n"
+              "with owned_store('store') as (lp, path):\n"
+              "    submit(load_spec('spec.yaml'), lp)\n"
+              "    snapshot(lp, path)\n")
+    assert _cli(sys.executable, "-c", submit, cwd=tmp_path).returncode == 0
+    (tmp_path / "lp.yaml").write_text(yaml.safe_dump({"host": "localhost", "name": "alflow", "strm_lvl": "ERROR"}))
+    (tmp_path / "qa.yaml").write_text(yaml.safe_dump({
+        "_fw_name": "CommonAdapter", "_fw_q_type": "SLURM", "job_name": "dft", "nodes": 1, "walltime": "00:10:00",
+        "rocket_launch": f"{sys.executable} -m alflow.fw.worker singleshot --offline"}))
+    bin_dir = tmp_path / "bin"  # sbatch runs the job script at once, in its directory
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/bash\nbash "$1" > job.log 2>&1\necho "Submitted batch job 42"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "store" / "store.json"),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    tools = Path(sys.executable).parent
+
+    def fw(*args):
+        proc = subprocess.run([str(tools / args[0]), "-l", "lp.yaml", *args[1:]], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
+    ml = ROOT / "fw_configs" / "my_fworker_ml.yaml"
+    dft = ROOT / "fw_configs" / "my_fworker_dft.yaml"
+    (tmp_path / "jobs").mkdir()
+    for _ in range(10):
+        fw("rlaunch", "-w", str(ml), "rapidfire")
+        if (tmp_path / "results" / "server-md" / "summary.json").exists():
+            break
+        while True:  # one job per launch directory, as `qlaunch rapidfire` makes them
+            job = tmp_path / "jobs" / str(len(list((tmp_path / "jobs").iterdir())))
+            job.mkdir()
+            if "reserved FW" not in fw("qlaunch", "-r", "-w", str(dft), "-q", "qa.yaml", "--launch_dir", str(job),
+                                       "singleshot"):
+                break
+        fw("lpad", "recover_offline")
+    summary = json.loads((tmp_path / "results" / "server-md" / "summary.json").read_text())
+    assert summary["iterations"] == 2 and summary["oracle_calls"] == 1 + 2 * 3
+    assert len(list((tmp_path / "jobs").glob("**/FW_offline.json"))) == summary["oracle_calls"]
