@@ -36,8 +36,10 @@ def check_overlaps(atoms: Atoms, i: np.ndarray, j: np.ndarray, d: np.ndarray, wh
 
 def find_overlap(atoms: Atoms, where: str = "structure") -> str | None:
     """Why ``atoms`` has overlapping atoms (the closest such pair), or None if it has none."""
-    if len(atoms) < 2:
+    if len(atoms) < 2 and not atoms.pbc.any():  # a periodic atom can overlap its own image
         return None
+    if atoms.pbc.any() and abs(atoms.cell.volume) < 1e-9 and (atoms.cell.lengths()[atoms.pbc] < 1e-9).any():
+        return f"{where}: periodic along an axis without a cell vector; set the cell"
     reach = 2.0 * OVERLAP_FRACTION * float(covalent_radii[np.unique(atoms.numbers)].max())
     i, j, d = neighbor_list("ijd", atoms, reach)
     try:

@@ -116,7 +116,8 @@ def test_overrides_and_no_prior_for_unknown_element():
     assert pot.morse.params["Zr"] == zr
 
 
-@pytest.mark.parametrize("bad", [dict(De=0.0, re=2.0, a=1.0), dict(De=1.0, re=-2.0, a=1.0), dict(De=1.0, re=2.0, a="x")])
+@pytest.mark.parametrize("bad", [dict(De=0.0, re=2.0, a=1.0), dict(De=1.0, re=-2.0, a=1.0), dict(De=1.0, re=2.0, a="x"),
+                                 dict(De=float("inf"), re=2.0, a=1.0), dict(De=1.0, re=2.0, a=float("nan"))])
 def test_invalid_parameters_are_refused(bad):
     with pytest.raises(ValueError, match="Morse parameter .* must be a positive number"):
         MorseParameters(**bad)

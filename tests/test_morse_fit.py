@@ -22,9 +22,9 @@ def morse_factory(De: float, re: float, a: float):
     return lambda: MorsePotential(epsilon=De, r0=re, rho0=a * re, rcut1=20.0, rcut2=21.0)
 
 
-@pytest.mark.parametrize("De, re, a", [(2.0, 2.3, 1.5), (5.0, 1.2, 2.1)])
-def test_recovers_synthetic_morse(De, re, a):
-    p = fit_morse("Cu", morse_factory(De, re, a), source="synthetic")
+@pytest.mark.parametrize("element, De, re, a", [("Cu", 2.0, 2.3, 1.5), ("C", 5.0, 1.2, 2.1)])
+def test_recovers_synthetic_morse(element, De, re, a):
+    p = fit_morse(element, morse_factory(De, re, a), source="synthetic")
     assert p.De == pytest.approx(De, rel=0.01)
     assert p.re == pytest.approx(re, rel=0.01)
     assert p.a == pytest.approx(a, rel=0.01)
@@ -120,3 +120,28 @@ def test_shipped_table_complete():
     assert all(p.source and p.De > 0 and p.re > 0 and p.a > 0 for p in table.values())
     with pytest.raises(MissingMorseParameters, match="Zr"):
         lookup(["Cu", "Zr"])
+
+
+def test_the_dimer_scan_pays_no_pair_a_campaign_would_reject():
+    from ase import Atoms
+
+    from alflow.model.morse_fit import scan
+    from alflow.overlaps import find_overlap
+
+    for element in ("H", "C", "O", "Cu", "Ag", "Cs"):
+        grid = scan(element)
+        assert np.allclose(np.diff(grid), 0.1) and grid[-1] >= 4.0
+        first = Atoms(2 * element, positions=[[0, 0, 0], [grid[0], 0, 0]])
+        assert find_overlap(first) is None  # the shortest dimer is accepted, the step below it is not
+        assert grid[0] == 0.5 or find_overlap(Atoms(2 * element, positions=[[0, 0, 0], [grid[0] - 0.1, 0, 0]]))
+
+
+def test_an_oracle_that_fails_is_one_error_naming_the_structure():
+    class Broken(Calculator):
+        implemented_properties = ["energy"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            raise KeyError("scf did not converge")
+
+    with pytest.raises(RuntimeError, match=r"the oracle failed on Cu: KeyError: 'scf did not converge'"):
+        fit_morse("Cu", Broken, source="broken")

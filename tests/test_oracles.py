@@ -60,6 +60,14 @@ def test_overlapping_structure_is_rejected_without_calling_the_oracle(tmp_path):
     assert compute_label(atoms, oracle)["status"] == "ok" and counter.exists()
 
 
+def test_an_atom_on_its_own_periodic_image_or_a_periodic_axis_without_cell_is_rejected():
+    from ase import Atoms
+
+    assert "overlapping" in find_overlap(Atoms("Cu", cell=[0.3, 3.0, 3.0], pbc=True))
+    assert "without a cell vector" in find_overlap(Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]], pbc=True))
+    assert find_overlap(Atoms("Cu", cell=[2.6, 2.6, 2.6], pbc=True)) is None
+
+
 def test_find_overlap_sees_periodic_images_and_isolated_molecules():
     from ase.build import molecule
 

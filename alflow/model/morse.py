@@ -40,7 +40,7 @@ class MorseParameters:
     def __post_init__(self):
         for name in ("De", "re", "a"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Morse parameter {name} must be a positive number, got {value!r}")
 
     @property

@@ -11,12 +11,13 @@ from typing import Callable, Iterable
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
-from ase.data import chemical_symbols
+from ase.data import chemical_symbols, covalent_radii
 from scipy.optimize import least_squares, minimize_scalar
 
 from alflow.model.morse import MorseParameters
+from alflow.overlaps import OVERLAP_FRACTION
 
-SCAN = np.linspace(0.5, 4.0, 36)  # coarse dimer scan that brackets re (Å)
+SCAN_STEP = 0.1  # Å, the coarse dimer scan that brackets re
 FIT_POINTS = np.linspace(0.7, 1.2, 5)  # points of the fit of a, in units of re
 
 
@@ -27,9 +28,27 @@ def check_element(element: str) -> str:
     return element
 
 
+def scan(element: str) -> np.ndarray:
+    """Dimer bond lengths (Å) that bracket re: from where alflow stops rejecting a pair as
+    overlapping (half the sum of covalent radii: never a dimer a campaign would refuse unpaid) to
+    4 Å or 1.5 × twice the covalent radius, on a 0.1 Å grid (multiples of the step)."""
+    r_cov = 2.0 * float(covalent_radii[chemical_symbols.index(element)])
+    start = max(0.5, np.ceil(OVERLAP_FRACTION * r_cov / SCAN_STEP + 1e-9) * SCAN_STEP)
+    stop = max(4.0, 1.5 * r_cov)
+    return np.round(np.arange(start, stop + SCAN_STEP / 2, SCAN_STEP), 10)
+
+
 def _energy(atoms: Atoms, calculator: Calculator) -> float:
-    atoms.calc = calculator
-    return float(atoms.get_potential_energy())
+    """The oracle's energy; any failure of it (or a NaN) as a RuntimeError naming the structure."""
+    what = f"{atoms.get_chemical_formula()}" + (f" at {atoms.get_distance(0, 1):.3f} Å" if len(atoms) == 2 else "")
+    try:
+        atoms.calc = calculator
+        energy = float(atoms.get_potential_energy())
+    except Exception as exc:  # a user's oracle can raise anything: one line, not a traceback
+        raise RuntimeError(f"the oracle failed on {what}: {type(exc).__name__}: {exc}") from exc
+    if not np.isfinite(energy):
+        raise RuntimeError(f"the oracle gave a non-finite energy ({energy}) on {what}")
+    return energy
 
 
 def atom_energy(element: str, calculator: Calculator, box: float = 12.0) -> float:
@@ -52,14 +71,15 @@ def morse_energy(r: np.ndarray, De: float, re: float, a: float) -> np.ndarray:
 
 
 def _minimise(curve: Callable[[float], float], element: str) -> float:
-    """Bond length minimising ``curve``: coarse scan on SCAN, then bounded minimisation."""
-    energies = np.array([curve(r) for r in SCAN])
+    """Bond length minimising ``curve``: coarse :func:`scan`, then bounded minimisation."""
+    grid = scan(element)
+    energies = np.array([curve(r) for r in grid])
     i = int(np.argmin(energies))
-    if i in (0, len(SCAN) - 1):
+    if i in (0, len(grid) - 1):
         raise ValueError(
-            f"no minimum of the {element}2 dimer energy inside {SCAN[0]:g}–{SCAN[-1]:g} Å with this calculator"
+            f"no minimum of the {element}2 dimer energy inside {grid[0]:g}–{grid[-1]:g} Å with this calculator"
         )
-    result = minimize_scalar(curve, bounds=(SCAN[i - 1], SCAN[i + 1]), method="bounded", options={"xatol": 1e-6})
+    result = minimize_scalar(curve, bounds=(grid[i - 1], grid[i + 1]), method="bounded", options={"xatol": 1e-6})
     return float(result.x)
 
 
