@@ -237,8 +237,9 @@ class EmbeddedRunner:
                 ran = launch_rocket(self.lp, self.local, strm_lvl="ERROR", err_file=err)
         finally:
             os.chdir(here)
-            if error_log.stat().st_size == 0:
-                error_log.unlink()
+            with contextlib.suppress(OSError):  # the launch dir may be gone
+                if error_log.stat().st_size == 0:
+                    error_log.unlink()
         if not ran:
             with contextlib.suppress(OSError):  # nothing ran there: drop the empty folder
                 launch_dir.rmdir()
@@ -455,9 +456,9 @@ def _failure(launchpad, name: str) -> str:
 
 def _last_error(launchpad, fw_id: int) -> str:
     """The last line of the traceback of a firework's latest failed launch ('' if none is recorded)."""
-    launch = launchpad.launches.find_one({"fw_id": fw_id, "state": "FIZZLED"}, sort=[("time_end", -1)]) or {}
-    trace = ((launch.get("action") or {}).get("stored_data") or {}).get("_exception", {}).get("_stacktrace", "")
-    return next((line.strip() for line in reversed(trace.splitlines()) if line.strip()), "")
+    from alflow.status import last_error
+
+    return last_error(launchpad.launches, fw_id)
 
 
 def _progress_line(launchpad, launch_dir: Path) -> str:

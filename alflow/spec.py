@@ -46,10 +46,15 @@ class SpecError(ValueError):
 # field checks
 
 
-def _integer(lo: int | None = None) -> Callable[[Any], int]:
+#: seeds are offset per round and stored (BSON: 64-bit integers): 2^62 leaves the offsets room
+MAX_SEED = 2**62
+
+
+def _integer(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
     def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
-            raise ValueError(f"must be an integer{f' >= {lo}' if lo is not None else ''}, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
+            bounds = (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "")
+            raise ValueError(f"must be an integer{bounds}, got {v!r}")
         return v
 
     return check
@@ -177,7 +182,7 @@ SIMULATION_FIELDS: dict[str, dict[str, tuple[Callable, Any]]] = {
         "thermostat": (_choice("langevin", "berendsen"), "langevin"),
         "friction_per_fs": (_number(0.0), 0.02),
         "taut_fs": (_number(0.0), 100.0),
-        "seed": (_integer(0), None),
+        "seed": (_integer(0, MAX_SEED), None),
         "interval": (_integer(1), 1),
     },
 }
@@ -291,7 +296,7 @@ def _model(raw: Any, where: tuple[str, ...]) -> dict:
         {
             "prior": (_choice("morse", "none"), "morse"),
             "ensemble": (_integer(1), 5),
-            "seed": (_integer(0), 0),
+            "seed": (_integer(0, MAX_SEED), 0),
             "epochs": (_integer(1), 300),
             "force_coefficient": (_number(0.0, strict=False), 0.04),
             "bootstrap": (_boolean, True),
@@ -422,10 +427,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     own loader keeps the last silently, so a second ``learner:`` would replace the first)."""
 
     def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # merge keys (<<: *anchor) first, as the base loader does
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:  # a list or mapping as a key: nothing a spec can use
+                raise yaml.constructor.ConstructorError(None, None, "a key that is a list or mapping",
+                                                        key_node.start_mark) from None
+            if repeated:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)

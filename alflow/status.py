@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 ACTIVE = ("RUNNING", "RESERVED")
 INTERRUPTED = "interrupted"
+FAILED = "failed"
 
 
 @dataclass
@@ -26,6 +27,7 @@ class StatusRow:
     reused: int
     failed: int
     last_uncertainty: float | None
+    why: str | None = None  # a failed campaign: its firework that failed and the error
 
 
 def _stage(db, name: str) -> str:
@@ -41,9 +43,27 @@ def _stage(db, name: str) -> str:
     return f"{doc['name'][len(name) + 2:]} ({doc['state'].lower()})"
 
 
+def last_error(launches, fw_id: int) -> str:
+    """The last line of the traceback of a firework's latest failed launch ('' if none is recorded)."""
+    launch = launches.find_one({"fw_id": fw_id, "state": "FIZZLED"}, sort=[("time_end", -1)]) or {}
+    trace = ((launch.get("action") or {}).get("stored_data") or {}).get("_exception", {}).get("_stacktrace", "")
+    return next((line.strip() for line in reversed(trace.splitlines()) if line.strip()), "")
+
+
+def failed_firework(db, name: str) -> tuple[str, str] | None:
+    """(firework name, last error line) of a campaign's firework that failed, not by a Ctrl-C."""
+    for fw in db["fireworks"].find({"name": {"$regex": f"^{re.escape(name)}: "}, "state": "FIZZLED"},
+                                   {"fw_id": 1, "name": 1}):
+        error = last_error(db["launches"], fw["fw_id"])
+        if error != "KeyboardInterrupt":
+            return fw["name"], error
+    return None
+
+
 def status_rows(db, owner_running: bool | None = None) -> list[StatusRow]:
-    """One row per campaign in ``db`` (oldest first). ``owner_running`` False (an embedded store
-    no alflow process holds): a campaign still marked running shows as "interrupted"."""
+    """One row per campaign in ``db`` (oldest first). A campaign still marked running shows as
+    "failed" when one of its fireworks failed (a resume would fail again), else, with
+    ``owner_running`` False (an embedded store no alflow process holds), as "interrupted"."""
     rows = []
     for c in db["campaigns"].find({}).sort("created_on", 1):
         name, n = c["name"], c.get("counters") or {}
@@ -54,11 +74,15 @@ def status_rows(db, owner_running: bool | None = None) -> list[StatusRow]:
                 last = float(value)
                 break
         status = c.get("status", "?")
-        if status == "running" and owner_running is False:
+        failure = failed_firework(db, name) if status == "running" else None
+        if failure:
+            status = FAILED
+        elif status == "running" and owner_running is False:
             status = INTERRUPTED
         rows.append(StatusRow(name, c.get("kind", "?"), status, int(c.get("iteration", 0)),
                               _stage(db, name), int(n.get("oracle_calls", 0)), int(n.get("reused_labels", 0)),
-                              int(n.get("failed_labels", 0)), last))
+                              int(n.get("failed_labels", 0)), last,
+                              f"firework '{failure[0]}' failed: {failure[1] or 'no traceback recorded'}" if failure else None))
     return rows
 
 
@@ -73,6 +97,7 @@ def format_table(rows: list[StatusRow], store: str | None = None) -> str:
                      f"{r.reused:>8}{r.failed:>8}  {unc:>16}")
     if not rows:
         lines.append("(no campaign in this store)")
+    lines += [f"{r.campaign}: {FAILED}: {r.why}" for r in rows if r.status == FAILED]
     if any(r.status == INTERRUPTED for r in rows):
         lines.append(f"{INTERRUPTED}: no alflow process is running it; finish it with `alflow resume --store {store}`"
                      if store else f"{INTERRUPTED}: finish it with `alflow resume`")

@@ -192,3 +192,12 @@ def test_diversity_queries_frames_far_apart_in_the_model_s_descriptor_space(tmp_
     x = steps.frame_features(result.frames, steps.SymmetryFunctions(["Cu", "C"]))
     x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
     assert picks[1] == int(np.argmax(np.linalg.norm(x - x[picks[0]], axis=1)))
+
+
+def test_the_seed_round_keeps_to_a_budget_below_its_structures(tmp_path):
+    store, campaign, *_ = seeded_neb(tmp_path, within=None)
+    seeds = steps.seed_candidates(campaign)
+    stop = {**campaign["spec"]["learner"]["stop"], "max_oracle_calls": 1}
+    fresh = {**campaign, "counters": {**campaign["counters"], "oracle_calls": 0},
+             "spec": {**campaign["spec"], "learner": {**campaign["spec"]["learner"], "stop": stop}}}
+    assert [c.hash for c in steps.within_budget(fresh, seeds, None)] == [seeds[0].hash]  # the initial state

@@ -240,3 +240,7 @@ def test_a_fizzled_firework_is_one_line_with_the_traceback_left_in_its_launch_di
     assert "firework 'broken-query: round 1' failed: ValueError: this plug-in is broken (traceback: " in line
     log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
     assert log.name == "error.log" and "this plug-in is broken" in log.read_text()
+    status = run_cli("status", "--store", "store", cwd=tmp_path)  # failed, not "interrupted": resume would fail too
+    assert status.stdout.splitlines()[1].split()[2] == "failed"
+    assert "broken-query: failed: firework 'broken-query: round 1' failed: ValueError: this plug-in is broken" \
+        in status.stdout

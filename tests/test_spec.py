@@ -136,6 +136,7 @@ def test_neb_band_matching_keys(folder):
         (dict(oracle={"kind": "emt", "options": {"asap_cutoff": True, "cutoff": 6}}),
          r"campaign.yaml: oracle.options: unknown option\(s\) cutoff for the emt oracle"),
         (dict(learner__threshold=0.1), r"campaign.yaml: learner.threshold: applies only to learner.kind: online"),
+        (dict(model__seed=2**63 - 5), r"campaign.yaml: model.seed: must be an integer >= 0 and <= 4611686018427387904"),
         (dict(results="start.traj"), r"campaign.yaml: results: .*start.traj exists and is not a directory"),
     ],
 )
@@ -202,3 +203,19 @@ def test_a_key_given_twice_or_bytes_that_are_not_utf8_are_refused(folder):
     (folder / "latin1.yaml").write_bytes(("# r\u00e9sum\u00e9\n" + yaml.safe_dump(BASE)).encode("latin-1"))
     with pytest.raises(SpecError, match=r"latin1.yaml: not UTF-8 text"):
         load_spec(folder / "latin1.yaml")
+
+
+def test_yaml_merge_keys_load_and_a_list_as_key_is_one_line(folder):
+    base = yaml.safe_dump({k: v for k, v in BASE.items() if k != "model"})
+    spec = load_spec(spec_file(folder, base + "model: {<<: {ensemble: 2, epochs: 5}, seed: 1}\n"))
+    assert (spec.model["ensemble"], spec.model["epochs"], spec.model["seed"]) == (2, 5, 1)
+    with pytest.raises(SpecError, match=r"YAML syntax error at line \d+, column \d+: a key that is a list or mapping"):
+        load_spec(spec_file(folder, yaml.safe_dump(BASE) + "? [a, b]\n: 1\n"))
+
+
+def test_an_oracle_module_that_fails_on_import_is_a_spec_error(folder, monkeypatch):
+    (folder / "needs_env.py").write_text("import os\nSCRATCH = os.environ['ALFLOW_TEST_NO_SUCH_VARIABLE']\n")
+    monkeypatch.syspath_prepend(str(folder))
+    with pytest.raises(SpecError, match=r"oracle.callable: cannot import oracle callable 'needs_env:make': "
+                                        r"KeyError: 'ALFLOW_TEST_NO_SUCH_VARIABLE'"):
+        load_spec(spec_file(folder, edited(oracle={"kind": "python", "callable": "needs_env:make"})))

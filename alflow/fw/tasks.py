@@ -42,6 +42,7 @@ class SeedTask(_StoreTask):
 
         store, campaign = self.store_and_campaign()
         to_compute, reused = steps.split_cached(store, campaign, steps.seed_candidates(campaign))
+        to_compute = steps.within_budget(campaign, to_compute, None)  # max_oracle_calls below the seeds
         return FWAction(additions=label_round(campaign, 0, to_compute, reused))
 
 

@@ -75,8 +75,8 @@ def import_callable(spec: str) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
         for name in attr.split("."):
             obj = getattr(obj, name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import oracle callable '{spec}': {exc}") from exc
+    except Exception as exc:  # a module that fails on import (syntax, a missing variable) as well
+        raise ValueError(f"cannot import oracle callable '{spec}': {type(exc).__name__}: {exc}") from exc
     if not callable(obj):
         raise ValueError(f"oracle callable '{spec}' is not callable")
     return obj
