@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from alflow.status import failed_launch, failure_line, last_error
 from alflow.store.embedded import (  # noqa: F401 (STORE_FILE, snapshot, use_store: this module's API too)
     STORE_FILE,
     embedded_queries,
@@ -347,7 +348,7 @@ class EmbeddedRunner:
                 self.lp.rerun_fw(fw["fw_id"])
         # and those a Ctrl-C stopped (FireWorks records it as the firework's failure)
         for fw in self.lp.fireworks.find({"state": "FIZZLED"}, {"fw_id": 1}):
-            if _last_error(self.lp, fw["fw_id"]) == "KeyboardInterrupt":
+            if last_error(failed_launch(self.lp.launches, fw["fw_id"])) == "KeyboardInterrupt":
                 self.lp.rerun_fw(fw["fw_id"])
         self.save()
 
@@ -446,19 +447,11 @@ def _failure(launchpad, name: str) -> str:
     if fw is None:
         waiting = launchpad.fireworks.count_documents({**mine, "state": "WAITING"})
         return f"{waiting} fireworks are still waiting and none can run"
-    message = f"firework '{fw['name']}' failed: {_last_error(launchpad, fw['fw_id']) or 'no traceback recorded'}"
-    launch = launchpad.launches.find_one({"fw_id": fw["fw_id"], "state": "FIZZLED"}, {"launch_dir": 1},
-                                         sort=[("time_end", -1)]) or {}
+    launch = failed_launch(launchpad.launches, fw["fw_id"])
+    message = failure_line(fw["name"], last_error(launch))
     logs = [Path(launch.get("launch_dir", "")) / f for f in (ERROR_LOG, "worker.log")] if launch.get("launch_dir") else []
     log = next((p for p in logs if p.is_file()), None)
     return message + (f" (traceback: {log})" if log else "")
-
-
-def _last_error(launchpad, fw_id: int) -> str:
-    """The last line of the traceback of a firework's latest failed launch ('' if none is recorded)."""
-    from alflow.status import last_error
-
-    return last_error(launchpad.launches, fw_id)
 
 
 def _progress_line(launchpad, launch_dir: Path) -> str:

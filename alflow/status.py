@@ -43,18 +43,27 @@ def _stage(db, name: str) -> str:
     return f"{doc['name'][len(name) + 2:]} ({doc['state'].lower()})"
 
 
-def last_error(launches, fw_id: int) -> str:
-    """The last line of the traceback of a firework's latest failed launch ('' if none is recorded)."""
-    launch = launches.find_one({"fw_id": fw_id, "state": "FIZZLED"}, sort=[("time_end", -1)]) or {}
+def failed_launch(launches, fw_id: int) -> dict:
+    """A firework's latest failed launch document ({} if none)."""
+    return launches.find_one({"fw_id": fw_id, "state": "FIZZLED"}, sort=[("time_end", -1)]) or {}
+
+
+def last_error(launch: dict) -> str:
+    """The last line of the traceback a failed launch recorded ('' if none)."""
     trace = ((launch.get("action") or {}).get("stored_data") or {}).get("_exception", {}).get("_stacktrace", "")
     return next((line.strip() for line in reversed(trace.splitlines()) if line.strip()), "")
+
+
+def failure_line(fw_name: str, error: str) -> str:
+    """One line on a failed firework, as ``alflow run`` and ``alflow status`` print it."""
+    return f"firework '{fw_name}' failed: {error or 'no traceback recorded'}"
 
 
 def failed_firework(db, name: str) -> tuple[str, str] | None:
     """(firework name, last error line) of a campaign's firework that failed, not by a Ctrl-C."""
     for fw in db["fireworks"].find({"name": {"$regex": f"^{re.escape(name)}: "}, "state": "FIZZLED"},
                                    {"fw_id": 1, "name": 1}):
-        error = last_error(db["launches"], fw["fw_id"])
+        error = last_error(failed_launch(db["launches"], fw["fw_id"]))
         if error != "KeyboardInterrupt":
             return fw["name"], error
     return None
@@ -82,7 +91,7 @@ def status_rows(db, owner_running: bool | None = None) -> list[StatusRow]:
         rows.append(StatusRow(name, c.get("kind", "?"), status, int(c.get("iteration", 0)),
                               _stage(db, name), int(n.get("oracle_calls", 0)), int(n.get("reused_labels", 0)),
                               int(n.get("failed_labels", 0)), last,
-                              f"firework '{failure[0]}' failed: {failure[1] or 'no traceback recorded'}" if failure else None))
+                              failure_line(*failure) if failure else None))
     return rows
 
 

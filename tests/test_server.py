@@ -83,6 +83,21 @@ def _campaign(folder: Path) -> Path:
     return folder / "spec.yaml"
 
 
+def _submitted_to_store_file(folder: Path) -> None:
+    """The campaign submitted to a store file in ``folder`` (``store/store.json``, FireWorks'
+    mongomock format), with ``lp.yaml`` for the stock commands on it."""
+    _campaign(folder)
+    submit = ("from alflow.runner import owned_store, submit\n"
+              "from alflow.spec import load_spec\n"
+              "from alflow.store.embedded import snapshot\n"
+              "with owned_store('store') as (lp, path):\n"
+              "    submit(load_spec('spec.yaml'), lp)\n"
+              "    snapshot(lp, path)\n")
+    proc = _cli(sys.executable, "-c", submit, cwd=folder)
+    assert proc.returncode == 0, proc.stderr
+    (folder / "lp.yaml").write_text(yaml.safe_dump({"host": "localhost", "name": "alflow", "strm_lvl": "ERROR"}))
+
+
 def _cli(*args, cwd):
     env = {k: v for k, v in os.environ.items() if k != "MONGOMOCK_SERVERSTORE_FILE"}
     return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -109,16 +124,7 @@ def test_submit_then_stock_rlaunch_runs_the_campaign(server_launchpad, tmp_path)
 def test_stock_rlaunch_runs_a_submitted_campaign_with_no_alflow_process_in_the_loop(tmp_path):
     """The server path without a server: the campaign is submitted to a store file, then FireWorks'
     own `rlaunch rapidfire`, in its mongomock mode on that file, runs every firework."""
-    spec = _campaign(tmp_path)
-    submit = ("from alflow.runner import owned_store, submit\n"
-              "from alflow.spec import load_spec\n"
-              "from alflow.store.embedded import snapshot\n"
-              "with owned_store('store') as (lp, path):\n"
-              "    submit(load_spec('spec.yaml'), lp)\n"
-              "    snapshot(lp, path)\n")
-    proc = _cli(sys.executable, "-c", submit, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    (tmp_path / "lp.yaml").write_text(yaml.safe_dump({"host": "localhost", "name": "alflow", "strm_lvl": "ERROR"}))
+    _submitted_to_store_file(tmp_path)
     env = {**os.environ, "MONGOMOCK_SERVERSTORE_FILE": str(tmp_path / "store" / "store.json")}
     rlaunch = Path(sys.executable).with_name("rlaunch")
     proc = subprocess.run([str(rlaunch), "-l", "lp.yaml", "rapidfire"], cwd=tmp_path, env=env,
@@ -167,15 +173,7 @@ def test_qlaunch_reservation_with_the_alflow_worker_and_recover_offline(tmp_path
     `rocket_launch: python -m alflow.fw.worker singleshot --offline`, the job run by a stand-in
     `sbatch`, the results brought back by `lpad recover_offline`; ML fireworks by `rlaunch`. The
     store is a FireWorks mongomock file, every command a separate process."""
-    spec = _campaign(tmp_path)
-    submit = ("from alflow.runner import owned_store, submit\n"
-              "from alflow.spec import load_spec\n"
-              "from alflow.store.embedded import snapshot\n"
-              "with owned_store('store') as (lp, path):\n"
-              "    submit(load_spec('spec.yaml'), lp)\n"
-              "    snapshot(lp, path)\n")
-    assert _cli(sys.executable, "-c", submit, cwd=tmp_path).returncode == 0
-    (tmp_path / "lp.yaml").write_text(yaml.safe_dump({"host": "localhost", "name": "alflow", "strm_lvl": "ERROR"}))
+    _submitted_to_store_file(tmp_path)
     (tmp_path / "qa.yaml").write_text(yaml.safe_dump({
         "_fw_name": "CommonAdapter", "_fw_q_type": "SLURM", "job_name": "dft", "nodes": 1, "walltime": "00:10:00",
         "rocket_launch": f"{sys.executable} -m alflow.fw.worker singleshot --offline"}))

@@ -59,10 +59,11 @@ def _labels(images: Sequence[Atoms]) -> tuple[np.ndarray, np.ndarray]:
                 f"training structure {k} ({atoms.get_chemical_formula()}) has no energy and forces attached "
                 "(attach them with a SinglePointCalculator or an oracle calculation)"
             )
-        if getattr(calc, "atoms", None) is not None and calc.check_state(atoms):
+        changed = calc.check_state(atoms) if getattr(calc, "atoms", None) is not None else []
+        if changed:
             raise ValueError(
                 f"training structure {k} ({atoms.get_chemical_formula()}): its energy and forces were computed "
-                f"for another structure (changed since: {', '.join(calc.check_state(atoms))})"
+                f"for another structure (changed since: {', '.join(changed)})"
             )
         energies.append(float(results["energy"]))
         forces.append(np.asarray(results["forces"], dtype=float).reshape(len(atoms), 3))
