@@ -179,8 +179,15 @@ NEB_ENDPOINTS = ("both", "initial")
 
 
 def endpoint_gap(band: Sequence[Atoms]) -> float:
-    """|E(final) − E(initial)| (eV) of a band's endpoints as recorded; NaN when an energy is."""
-    return float(abs(frame_energy(band[-1]) - frame_energy(band[0]))) if len(band) > 1 else 0.0
+    """How far (eV) the band's final state lies below its initial state, E(initial) − E(final),
+    and 0 when it lies above; NaN when an energy is.
+
+    For equivalent endpoints. A final state below the initial one is a well the model puts there
+    and not at the initial state: the band can run downhill into it, past the real saddle. One
+    above it is a relaxation that stopped short on a soft slope (the NEB example's final state
+    starts 0.4 Å from the bridge, where undertrained models stall 0.1 eV up); the barrier is
+    measured from the initial state, and the saddle tests still see the climbing image."""
+    return float(max(frame_energy(band[0]) - frame_energy(band[-1]), 0.0)) if len(band) > 1 else 0.0
 
 
 def neb(ctx: QueryContext, samples: int, endpoints: str = "both", equivalent_within: float | None = None) -> list[int]:
@@ -189,10 +196,10 @@ def neb(ctx: QueryContext, samples: int, endpoints: str = "both", equivalent_wit
 
     ``endpoints="initial"`` labels the initial state only (the barrier is measured from it): for a
     hop between equivalent sites the final state is the initial one translated, so its label
-    would teach the model nothing new. Unless the model's energies of the two endpoints differ
-    by more than ``equivalent_within`` (eV; None: never): the model is then wrong at one of
-    them, and the final state is labelled too (a campaign stopped on a band running downhill
-    into a spurious well at the unlabelled final state: barrier 0 instead of 0.13 eV).
+    would teach the model nothing new. Unless the model puts the final state more than
+    ``equivalent_within`` (eV; None: never) below the initial one (:func:`endpoint_gap`): it is
+    then wrong there, and the final state is labelled too (a campaign stopped on a band running
+    downhill into a spurious well at the unlabelled final state: barrier 0 instead of 0.13 eV).
     """
     if endpoints not in NEB_ENDPOINTS:
         raise ValueError(f"endpoints must be one of {', '.join(NEB_ENDPOINTS)}, got {endpoints!r}")

@@ -13,9 +13,11 @@
   can pass on a band whose climbing image sits off the oracle's saddle), and/or the ORACLE max
   force at the band's initial state ≤ ``initial_fmax`` (the barrier is measured from a minimum
   of the oracle's surface), and/or, for a hop between equivalent sites (query ``endpoints:
-  initial``: the final state is never labelled), the ML energies of the band's two endpoints
-  within ``endpoint_gap`` eV of each other (a model wrong at the final state can pass every other
-  test on a band running downhill into it) (every one given);
+  initial``: the final state is never labelled), the ML final state at most ``endpoint_gap`` eV
+  below the ML initial state (a model with a spurious well at the final state can pass every
+  other test on a band running downhill into it; a final state above the initial one is a
+  relaxation stopped short, which leaves the barrier from the initial state as it is) (every
+  one given);
 - md: validation energy and/or force MAE ≤ ``energy_mae`` / ``force_mae`` (every one given).
 
 Budgets (``done=True, converged=False``): ``max_iterations`` = n gives exactly n query rounds
@@ -70,7 +72,7 @@ class StopState:
     barrier_error: float | None = None  # neb: error of the ML barrier vs the oracle on the same images, eV
     saddle_fmax_oracle: float | None = None  # neb: oracle max force at the predicted saddle, eV/Å
     initial_fmax_oracle: float | None = None  # neb: oracle max force at the band's initial state, eV/Å
-    endpoint_gap: float | None = None  # neb: |E_ML(final) − E_ML(initial)| of the band's endpoints, eV
+    endpoint_gap: float | None = None  # neb: E_ML(initial) − E_ML(final), 0 when negative, eV
     validation: Mapping[str, float] | None = None  # md: {"energy_mae": eV, "force_mae": eV/Å}
     # md: whether this iteration's ML MD ran all its steps (None: not known); validation frames
     # from a trajectory that stopped early do not stand for the whole run
@@ -182,7 +184,7 @@ def _convergence(criteria: StopCriteria, state: StopState) -> tuple[bool | None,
            ("barrier error", state.barrier_error, criteria.barrier_tol, "eV"),
            ("oracle fmax at the saddle", state.saddle_fmax_oracle, criteria.saddle_fmax, "eV/Å"),
            ("oracle fmax at the initial state", state.initial_fmax_oracle, criteria.initial_fmax, "eV/Å"),
-           ("model energy gap between the endpoints", state.endpoint_gap, criteria.endpoint_gap, "eV"))
+           ("model's final state below its initial state by", state.endpoint_gap, criteria.endpoint_gap, "eV"))
     if state.kind == "neb" and any(threshold is not None for _, _, threshold, _ in neb):
         parts, ok_all = [], True
         for name, value, threshold, unit in neb:

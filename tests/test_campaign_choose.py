@@ -122,7 +122,7 @@ def test_equivalent_endpoints_the_model_disagrees_on_are_both_labelled_and_hold_
                                                                      {"kind": "emt"})} for c in picks]
     outcome = steps.merge(store, campaign, 1, computed, [], key.to_dict())
     assert outcome.metrics["endpoint_gap"] == pytest.approx(gap)
-    assert not outcome.decision.converged and "model energy gap between the endpoints" in outcome.decision.reason
+    assert not outcome.decision.converged and "final state below its initial state" in outcome.decision.reason
     # endpoints the model agrees on (the O translated by a surface lattice vector, hollow to
     # hollow): the final state is left out, as before
     result = band_from(initial, final, moved=0.02)
@@ -132,6 +132,15 @@ def test_equivalent_endpoints_the_model_disagrees_on_are_both_labelled_and_hold_
     result.band[-1] = result.frames[-1] = snapshot(equivalent)
     picks, key = steps.choose(store, store.campaign("neb"), result, 2)
     assert [c.frame for c in picks] == [0] and key.prediction["endpoint_gap"] < 1e-6  # the saddle: labelled above
+    # a final state above the initial one (its relaxation stopped short, the O 0.3 Å up): no
+    # well there, so it is left out and the gap is 0
+    stalled = equivalent.copy()
+    stalled.positions[-1, 2] += 0.3
+    stalled.calc = EMT()
+    assert stalled.get_potential_energy() > result.band[0].get_potential_energy() + 0.1
+    result.band[-1] = result.frames[-1] = snapshot(stalled)
+    picks, key = steps.choose(store, store.campaign("neb"), result, 2)
+    assert [c.frame for c in picks] == [0] and key.prediction["endpoint_gap"] == 0.0
     # a final-state energy that is not a number: the final state is labelled and no gap recorded
     result.band[-1].calc.results["energy"] = float("nan")
     picks, key = steps.choose(store, store.campaign("neb"), result, 2)

@@ -13,6 +13,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from alflow.query import (
     STRATEGIES,
     QueryContext,
+    endpoint_gap,
     frame_energy,
     frame_uncertainty,
     get_strategy,
@@ -296,11 +297,17 @@ def test_neb_initial_endpoint_only():
         select(ctx(frames, "neb"), "neb", 1, endpoints="final")
 
 
-def test_neb_labels_the_final_state_too_when_the_models_endpoints_disagree():
-    """``endpoints: initial`` declares the endpoints equivalent; a model whose endpoint energies
-    differ by more than ``equivalent_within`` is wrong at one of them: the final state is labelled."""
-    e = np.array([0.0, 0.05, 0.3, 0.12, 0.02])
+def test_neb_labels_the_final_state_too_when_the_model_puts_it_below_the_initial_state():
+    """``endpoints: initial`` declares the endpoints equivalent; a model that puts the final state
+    more than ``equivalent_within`` below the initial one has a well there the initial state does
+    not: the final state is labelled. One above it (a relaxation stopped short) is not."""
+    e = np.array([0.0, 0.05, 0.3, 0.12, 0.12])
     frames = trajectory(5, energies=e, uncertainties=np.zeros(5))
+    assert endpoint_gap(frames) == 0.0
+    assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.01) == [0, 2]
+    e = np.array([0.0, 0.05, 0.3, 0.12, -0.02])
+    frames = trajectory(5, energies=e, uncertainties=np.zeros(5))
+    assert endpoint_gap(frames) == pytest.approx(0.02)
     assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial") == [0, 2]
     assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.03) == [0, 2]
     assert select(ctx(frames, "neb"), "neb", 1, endpoints="initial", equivalent_within=0.01) == [0, 4, 2]

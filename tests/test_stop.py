@@ -141,7 +141,7 @@ def test_neb_endpoint_gap_holds_back_a_band_running_downhill():
                                    "endpoint_gap": 0.01}, kind="neb")
     good = dict(saddle_energy_error=0.0017, barrier_error=0.0006, saddle_fmax_oracle=0.069)
     d = evaluate(crit, StopState(11, "neb", 25, **good, endpoint_gap=1.406))
-    assert not d.done and "model energy gap between the endpoints 1.406 > 0.01 eV" in d.reason
+    assert not d.done and "model's final state below its initial state by 1.406 > 0.01 eV" in d.reason
     assert not evaluate(crit, StopState(11, "neb", 25, **good)).done  # not known: not converged
     assert evaluate(crit, StopState(11, "neb", 25, **good, endpoint_gap=0.004)).converged
     with pytest.raises(ValueError, match="endpoint_gap.*neb"):
