@@ -165,9 +165,16 @@ def new_potential(campaign: Mapping, iteration: int) -> DeltaPotential:
         prior=None if model["prior"] == "none" else "morse",
         ensemble=model["ensemble"],
         seed=model["seed"] + 1000 * iteration,
+        descriptor=descriptor(campaign),
+        hidden=model.get("hidden", (20, 20)),  # a campaign stored before the keys: the paper's
         morse_params=model.get("morse_params"),
         training=training_settings(model),
     )
+
+
+def descriptor(campaign: Mapping) -> SymmetryFunctions:
+    """The spec's G2/G4 settings (``model.descriptor``) for the campaign's elements."""
+    return SymmetryFunctions(campaign["elements"], **campaign["spec"]["model"].get("descriptor", {}))
 
 
 def training_settings(model: Mapping) -> TrainingSettings:
@@ -306,7 +313,7 @@ def choose(
     ctx = query.QueryContext(
         frames=frames, kind=campaign["kind"], labelled=labelled,
         rng=np.random.default_rng(campaign["spec"]["model"]["seed"] * 104729 + iteration),
-        features=lambda fs: frame_features(fs, SymmetryFunctions(campaign["elements"])),  # the model's descriptors
+        features=lambda fs: frame_features(fs, descriptor(campaign)),  # the model's descriptors
     )
     options = dict(q["options"])
     tolerance = campaign["spec"]["learner"]["stop"].get("endpoint_gap")

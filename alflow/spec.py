@@ -8,7 +8,7 @@ anywhere while a spec is validated.
     system: {structure: c_cu100.traj}              # NEB: {initial: a.traj, final: b.traj}
     simulation: {kind: relax, fmax: 0.03}           # relax | neb | md
     oracle: {kind: emt}                             # emt | python (callable: "pkg.mod:function") | espresso | vasp
-    model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, feature_range_floor, warm_start, warm_epochs, morse_params
+    model: {prior: morse, ensemble: 5}              # also seed, epochs, bootstrap, feature_range_floor, warm_start, warm_epochs, morse_params, hidden, descriptor
     learner:
       kind: offline                                 # offline | online (+ threshold: eV/Å)
       refine_below: 0.3                             # relax: refine from the best label below this fmax (eV/Å)
@@ -276,6 +276,30 @@ def _oracle(raw: Any, where: tuple[str, ...], base: Path | None = None) -> dict:
     return oracle
 
 
+def _hidden(v):
+    if not isinstance(v, list) or not v or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in v):
+        raise ValueError(f"must be a non-empty list of positive integers (neurons per hidden layer), got {v!r}")
+    return list(v)
+
+
+def _descriptor(v):
+    """G2/G4 settings: ``cutoff`` (Å), ``g2_etas``, ``g4_etas``, ``g4_zetas``, ``g4_lambdas``;
+    checked now (the elements come from the structures)."""
+    from alflow.model.descriptors import SymmetryFunctions
+
+    table = _mapping(v)
+    allowed = ("cutoff", "g2_etas", "g4_etas", "g4_zetas", "g4_lambdas")
+    unknown = sorted(set(table) - set(allowed), key=str)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+    for key, value in table.items():
+        numbers = [value] if key == "cutoff" else value
+        if not isinstance(numbers, list) or any(isinstance(n, bool) or not isinstance(n, (int, float)) for n in numbers):
+            raise ValueError(f"{key} must be {'a number' if key == 'cutoff' else 'a list of numbers'}, got {value!r}")
+    SymmetryFunctions(("H",), **table)
+    return table
+
+
 def _morse_params(v):
     """element → {De, re, a[, source]}: checked now, so a bad table never reaches training."""
     from alflow.model.morse import MorseParameters
@@ -308,6 +332,8 @@ def _model(raw: Any, where: tuple[str, ...]) -> dict:
             "warm_start": (_boolean, False),
             "warm_epochs": (_integer(1), 100),
             "morse_params": (_morse_params, None),
+            "hidden": (_hidden, [20, 20]),  # neurons per hidden layer of each element's network
+            "descriptor": (_descriptor, {}),  # G2/G4 settings (SymmetryFunctions), the paper's by default
         },
     )
     return model

@@ -82,3 +82,23 @@ def test_the_spec_model_settings_reach_the_ensemble(tmp_path):
     steps.start(store, load_spec(tmp_path / "floor.yaml"))
     training = steps.new_potential(store.campaign("floor"), 1).training
     assert (training.feature_range_floor, training.epochs, training.warm_epochs) == (1.0, 40, 6)
+
+
+def test_the_spec_network_and_descriptor_reach_the_model_and_its_file(tmp_path):
+    """``model.hidden`` and ``model.descriptor`` shape the ensemble; the stored model keeps them,
+    and the ``diversity`` query compares frames in that same descriptor space."""
+    store, spec = new_campaign(tmp_path, warm=False)
+    default = steps.new_potential(store.campaign(spec.name), 1)
+    assert default.hidden == (20, 20) and default.descriptor.n_features == 20  # the paper's
+    text = (tmp_path / "spec.yaml").read_text().replace(
+        "warm_epochs: 6", "warm_epochs: 6, hidden: [8], descriptor: {cutoff: 5.0, g2_etas: [0.05, 5, 80]}")
+    (tmp_path / "custom.yaml").write_text(text.replace("name: warm", "name: custom"))
+    spec = load_spec(tmp_path / "custom.yaml")
+    steps.start(store, spec)
+    add_labels(store, spec, 0, [0, 1])
+    pot, model_id = steps.train(store, store.campaign("custom"), 1)
+    assert pot.hidden == (8,) and pot.descriptor.cutoff == 5.0 and pot.descriptor.g2_etas == (0.05, 5.0, 80.0)
+    assert pot.descriptor.n_features == 2 * 3 + 3 * 4
+    loaded = store.load_model(model_id)
+    assert (loaded.hidden, loaded.descriptor) == (pot.hidden, pot.descriptor)
+    assert steps.descriptor(store.campaign("custom")) == pot.descriptor

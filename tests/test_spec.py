@@ -138,6 +138,16 @@ def test_neb_band_matching_keys(folder):
         (dict(learner__threshold=0.1), r"campaign.yaml: learner.threshold: applies only to learner.kind: online"),
         (dict(model__seed=2**63 - 5), r"campaign.yaml: model.seed: must be an integer >= 0 and <= 4611686018427387904"),
         (dict(results="start.traj"), r"campaign.yaml: results: .*start.traj exists and is not a directory"),
+        (dict(model__hidden=[20, 0]), r"campaign.yaml: model.hidden: must be a non-empty list of positive integers"),
+        (dict(model__hidden=20), r"campaign.yaml: model.hidden: must be a non-empty list of positive integers"),
+        (dict(model__descriptor={"g2_eta": [1.0]}), r"campaign.yaml: model.descriptor: unknown key 'g2_eta'"),
+        (dict(model__descriptor={"g2_etas": [0.05, -1]}),
+         r"campaign.yaml: model.descriptor: g2_etas must be a non-empty list of numbers >= 0, got \[0.05, -1.0\]"),
+        (dict(model__descriptor={"g4_lambdas": [0.5]}), r"campaign.yaml: model.descriptor: g4_lambdas must be .* -1 or 1"),
+        (dict(model__descriptor={"g4_zetas": []}), r"campaign.yaml: model.descriptor: g4_zetas must be a non-empty list"),
+        (dict(model__descriptor={"cutoff": "6"}), r"campaign.yaml: model.descriptor: cutoff must be a number, got '6'"),
+        (dict(model__descriptor={"cutoff": 0}), r"campaign.yaml: model.descriptor: cutoff must be a positive number"),
+        (dict(model__descriptor={"g2_etas": 5.0}), r"campaign.yaml: model.descriptor: g2_etas must be a list of numbers"),
     ],
 )
 def test_bad_fields_give_one_line_errors_naming_them(folder, changes, message):
@@ -219,3 +229,12 @@ def test_an_oracle_module_that_fails_on_import_is_a_spec_error(folder, monkeypat
     with pytest.raises(SpecError, match=r"oracle.callable: cannot import oracle callable 'needs_env:make': "
                                         r"KeyError: 'ALFLOW_TEST_NO_SUCH_VARIABLE'"):
         load_spec(spec_file(folder, edited(oracle={"kind": "python", "callable": "needs_env:make"})))
+
+
+@pytest.mark.parametrize("zetas", [[0.5], [-1.0]])
+def test_descriptor_zetas_below_one_are_refused_but_zero_is_allowed(folder, zetas):
+    """0 < ζ < 1 gives an infinite force at collinear triplets; ζ = 0 (a radial pair product) is fine."""
+    with pytest.raises(SpecError, match=r"model.descriptor: g4_zetas must be a non-empty list of numbers 0 or >= 1"):
+        load_spec(spec_file(folder, edited(model__descriptor={"g4_zetas": zetas})))
+    assert load_spec(spec_file(folder, edited(model__descriptor={"g4_zetas": [0, 2]}))).model["descriptor"] == {
+        "g4_zetas": [0, 2]}

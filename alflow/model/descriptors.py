@@ -54,8 +54,16 @@ class SymmetryFunctions:
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         if len(set(self.elements)) != len(self.elements) or not self.elements:
             raise ValueError(f"elements must be a non-empty list of distinct symbols, got {self.elements}")
-        if self.cutoff <= 0:
-            raise ValueError(f"cutoff must be positive, got {self.cutoff}")
+        if not (math.isfinite(self.cutoff) and self.cutoff > 0):
+            raise ValueError(f"cutoff must be a positive number (Å), got {self.cutoff}")
+        for name, values, ok, rule in (
+                ("g2_etas", self.g2_etas, lambda v: v >= 0, ">= 0"),
+                ("g4_etas", self.g4_etas, lambda v: v >= 0, ">= 0"),
+                # 0 < ζ < 1: (1 + λ cos θ)^ζ has an infinite slope at collinear triplets
+                ("g4_zetas", self.g4_zetas, lambda v: v == 0 or v >= 1, "0 or >= 1"),
+                ("g4_lambdas", self.g4_lambdas, lambda v: v in (-1.0, 1.0), "-1 or 1")):
+            if not values or not all(math.isfinite(v) and ok(v) for v in values):
+                raise ValueError(f"{name} must be a non-empty list of numbers {rule}, got {list(values)}")
 
     @property
     def element_pairs(self) -> list[tuple[int, int]]:
