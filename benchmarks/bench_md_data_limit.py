@@ -1,0 +1,108 @@
+"""What the model can reach with the oracle's own data: the accuracy floor of the MD benchmark.
+
+The direct EMT MD of the CO/Cu(100) example (2 ps, 300 K, Langevin, velocity seed = ``--seed``)
+gives 2001 frames. The campaign's model (five bootstrap members, 1000 epochs, α = 0.3) is fitted
+on ``--frames`` of them, picked at random or by farthest-point sampling in descriptor space
+(``--select fps``: the best an offline learner could choose from that trajectory), and scored on
+400 other frames drawn at random: energy MAE (eV) and force MAE (eV/Å, components of free
+atoms), the issue's metric. An AL campaign's labels come from its own ML trajectories and
+include the first rounds' dives, so this is a floor for what ``--frames`` oracle calls can buy.
+
+    python benchmarks/bench_md_data_limit.py --seed 0 --frames 150 [--select fps]
+        [--hidden 20 20] [--g2-etas 0.05 0.2154 0.9283 5 20 80]
+    → one line of results, appended to benchmarks/results/md_data_limit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read
+
+from alflow.constraints import free_mask
+from alflow.model import DeltaPotential, SymmetryFunctions
+from alflow.model.descriptors import frame_features
+from alflow.simulate import MDSettings, md
+
+ROOT = Path(__file__).parents[1]
+RESULTS = Path(__file__).parent / "results" / "md_data_limit.json"
+ELEMENTS = ("Cu", "C", "O")
+TEST_FRAMES = 400
+
+
+def labelled(frame, calc):
+    """A copy of ``frame`` carrying the oracle's energy and forces."""
+    atoms = frame.copy()
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces(apply_constraint=False)
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    return atoms
+
+
+def farthest_points(x: np.ndarray, n: int) -> list[int]:
+    """``n`` rows of ``x`` by farthest-point sampling (standardised, Euclidean), from row 0."""
+    x = (x - x.mean(0)) / (x.std(0) + 1e-12)
+    chosen, nearest = [0], np.linalg.norm(x - x[0], axis=1)
+    while len(chosen) < n:
+        j = int(np.argmax(nearest))
+        chosen.append(j)
+        nearest = np.minimum(nearest, np.linalg.norm(x - x[j], axis=1))
+    return chosen
+
+
+def split(frames, n_train: int, select: str, seed: int) -> tuple[list[int], list[int]]:
+    """(training frames, 400 test frames never trained on)."""
+    order = np.random.default_rng(seed).permutation(len(frames))
+    if select == "random":
+        return list(order[:n_train]), list(order[n_train:n_train + TEST_FRAMES])
+    chosen = farthest_points(frame_features(frames, SymmetryFunctions(ELEMENTS)), n_train)
+    taken = set(chosen)
+    rest = [i for i in order if i not in taken]
+    return chosen, list(np.random.default_rng(seed + 99).choice(rest, TEST_FRAMES, replace=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0, help="MD velocity seed, split and member seeds")
+    ap.add_argument("--frames", type=int, default=150, help="training frames (oracle calls)")
+    ap.add_argument("--select", choices=("random", "fps"), default="random")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[20, 20])
+    ap.add_argument("--g2-etas", type=float, nargs="+", default=list(SymmetryFunctions(ELEMENTS).g2_etas))
+    ap.add_argument("--g4-etas", type=float, nargs="+", default=list(SymmetryFunctions(ELEMENTS).g4_etas))
+    args = ap.parse_args()
+
+    start = read(ROOT / "workflows" / "co_cu100.traj")
+    frames = md(start, EMT(), MDSettings(steps=2000, seed=args.seed)).frames
+    train_idx, test_idx = split(frames, args.frames, args.select, args.seed)
+    calc, free = EMT(), free_mask(start)
+    train = [labelled(frames[i], calc) for i in train_idx]
+    test = [labelled(frames[i], calc) for i in test_idx]
+    descriptor = SymmetryFunctions(ELEMENTS, g2_etas=args.g2_etas, g4_etas=args.g4_etas)
+    t0 = time.perf_counter()
+    pot = DeltaPotential(ELEMENTS, ensemble=5, seed=args.seed, hidden=args.hidden, descriptor=descriptor,
+                         training=dict(epochs=1000, force_coefficient=0.3)).fit(train)
+    fit_s = time.perf_counter() - t0
+    predictions = pot.predict(test)
+    energy_mae = np.mean([abs(p.energy - a.get_potential_energy()) for p, a in zip(predictions, test)])
+    force_mae = np.mean([np.abs(np.asarray(p.forces) - a.get_forces())[free].mean() for p, a in zip(predictions, test)])
+    row = {"seed": args.seed, "frames": args.frames, "select": args.select, "hidden": args.hidden,
+           "g2_etas": args.g2_etas, "g4_etas": args.g4_etas, "energy_mae": float(energy_mae),
+           "force_mae": float(force_mae), "fit_s": round(fit_s, 1),
+           "c_o_distance_every_250_fs": [round(f.get_distance(-1, -2), 3) for f in frames[::250]]}
+    print(f"{'seed':>4} {'frames':>6} {'select':>6} {'hidden':>8} {'G2 etas':>32} {'E MAE eV':>9} {'F MAE eV/Å':>10}")
+    print(f"{args.seed:>4} {args.frames:>6} {args.select:>6} {str(args.hidden):>8} {str(args.g2_etas):>32} "
+          f"{energy_mae:>9.4f} {force_mae:>10.4f}")
+    runs = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"benchmark": "md_data_limit", "test_frames": TEST_FRAMES,
+                                   "runs": runs + [row]}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
