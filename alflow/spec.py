@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -34,6 +35,7 @@ import yaml
 from ase import Atoms
 from ase.io import read
 
+from alflow.model.morse import DEFAULT_SWITCH_WIDTH as MORSE_SWITCH_WIDTH
 from alflow.model.morse import MissingMorseParameters, lookup
 from alflow.oracles import emt_options, import_callable
 
@@ -63,7 +65,7 @@ def _integer(lo: int | None = None, hi: int | None = None) -> Callable[[Any], in
 def _number(lo: float | None = None, strict: bool = True) -> Callable[[Any], float]:
     def check(v):
         bad = isinstance(v, bool) or not isinstance(v, (int, float))
-        if not bad and not math.isfinite(v):
+        if not bad and (v != v or abs(v) > sys.float_info.max):  # NaN, inf, or an integer past any float
             raise ValueError(f"must be a finite number, got {v!r}")
         if not bad and lo is not None:
             bad = v <= lo if strict else v < lo
@@ -153,7 +155,7 @@ def _fields(data: Any, where: tuple[str, ...], schema: Mapping[str, tuple[Callab
             continue
         try:
             out[key] = check(data[key])
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:  # overflow: a 400-digit integer
             raise SpecError(f"{_at(where + (key,))}: {exc}") from None
     return out
 
@@ -276,9 +278,13 @@ def _oracle(raw: Any, where: tuple[str, ...], base: Path | None = None) -> dict:
     return oracle
 
 
+MAX_NEURONS = 4096  # per hidden layer: beyond it a member's weights alone run to gigabytes
+
+
 def _hidden(v):
-    if not isinstance(v, list) or not v or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in v):
-        raise ValueError(f"must be a non-empty list of positive integers (neurons per hidden layer), got {v!r}")
+    if not isinstance(v, list) or not v or any(
+            isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEURONS for n in v):
+        raise ValueError(f"must be a non-empty list of integers 1-{MAX_NEURONS} (neurons per hidden layer), got {v!r}")
     return list(v)
 
 
@@ -294,7 +300,8 @@ def _descriptor(v):
         raise ValueError(f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
     for key, value in table.items():
         numbers = [value] if key == "cutoff" else value
-        if not isinstance(numbers, list) or any(isinstance(n, bool) or not isinstance(n, (int, float)) for n in numbers):
+        if not isinstance(numbers, list) or any(isinstance(n, bool) or not isinstance(n, (int, float))
+                                                or abs(n) > sys.float_info.max for n in numbers):
             raise ValueError(f"{key} must be {'a number' if key == 'cutoff' else 'a list of numbers'}, got {value!r}")
     SymmetryFunctions(("H",), **table)
     return table
@@ -336,6 +343,10 @@ def _model(raw: Any, where: tuple[str, ...]) -> dict:
             "descriptor": (_descriptor, {}),  # G2/G4 settings (SymmetryFunctions), the paper's by default
         },
     )
+    cutoff = model["descriptor"].get("cutoff")
+    if model["prior"] == "morse" and cutoff is not None and cutoff < MORSE_SWITCH_WIDTH:
+        raise SpecError(f"{_at(where + ('descriptor', 'cutoff'))}: must be >= {MORSE_SWITCH_WIDTH} Å with prior: morse "
+                        f"(the prior is switched off over its last {MORSE_SWITCH_WIDTH} Å), got {cutoff}")
     return model
 
 

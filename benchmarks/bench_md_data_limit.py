@@ -34,6 +34,7 @@ ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results" / "md_data_limit.json"
 ELEMENTS = ("Cu", "C", "O")
 TEST_FRAMES = 400
+MD_FRAMES = 2001  # 2 ps at 1 fs, the start included
 
 
 def labelled(frame, calc):
@@ -56,12 +57,12 @@ def farthest_points(x: np.ndarray, n: int) -> list[int]:
     return chosen
 
 
-def split(frames, n_train: int, select: str, seed: int) -> tuple[list[int], list[int]]:
-    """(training frames, 400 test frames never trained on)."""
+def split(frames, n_train: int, select: str, seed: int, descriptor: SymmetryFunctions) -> tuple[list[int], list[int]]:
+    """(training frames, 400 test frames never trained on); ``fps`` in ``descriptor``'s space."""
     order = np.random.default_rng(seed).permutation(len(frames))
     if select == "random":
         return list(order[:n_train]), list(order[n_train:n_train + TEST_FRAMES])
-    chosen = farthest_points(frame_features(frames, SymmetryFunctions(ELEMENTS)), n_train)
+    chosen = farthest_points(frame_features(frames, descriptor), n_train)
     taken = set(chosen)
     rest = [i for i in order if i not in taken]
     return chosen, list(np.random.default_rng(seed + 99).choice(rest, TEST_FRAMES, replace=False))
@@ -76,25 +77,31 @@ def main() -> None:
     ap.add_argument("--g2-etas", type=float, nargs="+", default=list(SymmetryFunctions(ELEMENTS).g2_etas))
     ap.add_argument("--g4-etas", type=float, nargs="+", default=list(SymmetryFunctions(ELEMENTS).g4_etas))
     args = ap.parse_args()
+    if not 1 <= args.frames <= MD_FRAMES - TEST_FRAMES:
+        ap.error(f"--frames must be 1-{MD_FRAMES - TEST_FRAMES} ({MD_FRAMES} MD frames, {TEST_FRAMES} kept for the test)")
+    try:
+        descriptor = SymmetryFunctions(ELEMENTS, g2_etas=args.g2_etas, g4_etas=args.g4_etas)
+    except ValueError as exc:
+        ap.error(str(exc))
 
     start = read(ROOT / "workflows" / "co_cu100.traj")
-    frames = md(start, EMT(), MDSettings(steps=2000, seed=args.seed)).frames
-    train_idx, test_idx = split(frames, args.frames, args.select, args.seed)
+    frames = md(start, EMT(), MDSettings(steps=MD_FRAMES - 1, seed=args.seed)).frames
+    train_idx, test_idx = split(frames, args.frames, args.select, args.seed, descriptor)
     calc, free = EMT(), free_mask(start)
     train = [labelled(frames[i], calc) for i in train_idx]
     test = [labelled(frames[i], calc) for i in test_idx]
-    descriptor = SymmetryFunctions(ELEMENTS, g2_etas=args.g2_etas, g4_etas=args.g4_etas)
     t0 = time.perf_counter()
     pot = DeltaPotential(ELEMENTS, ensemble=5, seed=args.seed, hidden=args.hidden, descriptor=descriptor,
                          training=dict(epochs=1000, force_coefficient=0.3)).fit(train)
     fit_s = time.perf_counter() - t0
+    co = [a.index for a in start if a.symbol in ("C", "O")]
     predictions = pot.predict(test)
     energy_mae = np.mean([abs(p.energy - a.get_potential_energy()) for p, a in zip(predictions, test)])
     force_mae = np.mean([np.abs(np.asarray(p.forces) - a.get_forces())[free].mean() for p, a in zip(predictions, test)])
     row = {"seed": args.seed, "frames": args.frames, "select": args.select, "hidden": args.hidden,
            "g2_etas": args.g2_etas, "g4_etas": args.g4_etas, "energy_mae": float(energy_mae),
            "force_mae": float(force_mae), "fit_s": round(fit_s, 1),
-           "c_o_distance_every_250_fs": [round(f.get_distance(-1, -2), 3) for f in frames[::250]]}
+           "c_o_distance_every_250_fs": [round(f.get_distance(*co), 3) for f in frames[::250]]}
     print(f"{'seed':>4} {'frames':>6} {'select':>6} {'hidden':>8} {'G2 etas':>32} {'E MAE eV':>9} {'F MAE eV/Å':>10}")
     print(f"{args.seed:>4} {args.frames:>6} {args.select:>6} {str(args.hidden):>8} {str(args.g2_etas):>32} "
           f"{energy_mae:>9.4f} {force_mae:>10.4f}")

@@ -138,8 +138,8 @@ def test_neb_band_matching_keys(folder):
         (dict(learner__threshold=0.1), r"campaign.yaml: learner.threshold: applies only to learner.kind: online"),
         (dict(model__seed=2**63 - 5), r"campaign.yaml: model.seed: must be an integer >= 0 and <= 4611686018427387904"),
         (dict(results="start.traj"), r"campaign.yaml: results: .*start.traj exists and is not a directory"),
-        (dict(model__hidden=[20, 0]), r"campaign.yaml: model.hidden: must be a non-empty list of positive integers"),
-        (dict(model__hidden=20), r"campaign.yaml: model.hidden: must be a non-empty list of positive integers"),
+        (dict(model__hidden=[20, 0]), r"campaign.yaml: model.hidden: must be a non-empty list of integers 1-4096"),
+        (dict(model__hidden=20), r"campaign.yaml: model.hidden: must be a non-empty list of integers 1-4096"),
         (dict(model__descriptor={"g2_eta": [1.0]}), r"campaign.yaml: model.descriptor: unknown key 'g2_eta'"),
         (dict(model__descriptor={"g2_etas": [0.05, -1]}),
          r"campaign.yaml: model.descriptor: g2_etas must be a non-empty list of numbers >= 0, got \[0.05, -1.0\]"),
@@ -148,6 +148,14 @@ def test_neb_band_matching_keys(folder):
         (dict(model__descriptor={"cutoff": "6"}), r"campaign.yaml: model.descriptor: cutoff must be a number, got '6'"),
         (dict(model__descriptor={"cutoff": 0}), r"campaign.yaml: model.descriptor: cutoff must be a positive number"),
         (dict(model__descriptor={"g2_etas": 5.0}), r"campaign.yaml: model.descriptor: g2_etas must be a list of numbers"),
+        (dict(model__descriptor={"cutoff": 0.8}),  # inside the Morse prior's switching width
+         r"campaign.yaml: model.descriptor.cutoff: must be >= 1.0 Å with prior: morse .*got 0.8"),
+        (dict(model__descriptor={"cutoff": 10**400}), r"campaign.yaml: model.descriptor: cutoff must be a number, got 1000"),
+        (dict(model__descriptor={"g2_etas": [10**400]}), r"campaign.yaml: model.descriptor: g2_etas must be a list of numbers"),
+        (dict(model__descriptor={"g4_zetas": [2000]}),  # 2^(1-ζ) underflows, (1 + λ cos θ)^ζ overflows: NaN
+         r"campaign.yaml: model.descriptor: g4_zetas must be a non-empty list of numbers 0 or in \[1, 64\]"),
+        (dict(model__hidden=[5000]), r"campaign.yaml: model.hidden: must be a non-empty list of integers 1-4096"),
+        (dict(model__force_coefficient=10**400), r"campaign.yaml: model.force_coefficient: must be a finite number"),
     ],
 )
 def test_bad_fields_give_one_line_errors_naming_them(folder, changes, message):
@@ -234,7 +242,12 @@ def test_an_oracle_module_that_fails_on_import_is_a_spec_error(folder, monkeypat
 @pytest.mark.parametrize("zetas", [[0.5], [-1.0]])
 def test_descriptor_zetas_below_one_are_refused_but_zero_is_allowed(folder, zetas):
     """0 < ζ < 1 gives an infinite force at collinear triplets; ζ = 0 (a radial pair product) is fine."""
-    with pytest.raises(SpecError, match=r"model.descriptor: g4_zetas must be a non-empty list of numbers 0 or >= 1"):
+    with pytest.raises(SpecError, match=r"model.descriptor: g4_zetas must be a non-empty list of numbers 0 or in \[1, 64\]"):
         load_spec(spec_file(folder, edited(model__descriptor={"g4_zetas": zetas})))
     assert load_spec(spec_file(folder, edited(model__descriptor={"g4_zetas": [0, 2]}))).model["descriptor"] == {
         "g4_zetas": [0, 2]}
+
+
+def test_a_short_descriptor_cutoff_is_fine_without_the_morse_prior(folder):
+    spec = load_spec(spec_file(folder, edited(model__prior="none", model__descriptor={"cutoff": 0.8})))
+    assert spec.model["descriptor"] == {"cutoff": 0.8}

@@ -59,8 +59,9 @@ class SymmetryFunctions:
         for name, values, ok, rule in (
                 ("g2_etas", self.g2_etas, lambda v: v >= 0, ">= 0"),
                 ("g4_etas", self.g4_etas, lambda v: v >= 0, ">= 0"),
-                # 0 < ζ < 1: (1 + λ cos θ)^ζ has an infinite slope at collinear triplets
-                ("g4_zetas", self.g4_zetas, lambda v: v == 0 or v >= 1, "0 or >= 1"),
+                # 0 < ζ < 1: (1 + λ cos θ)^ζ has an infinite slope at collinear triplets; past
+                # ~1000, 2^(1−ζ) underflows while (1 + λ cos θ)^ζ overflows (NaN features)
+                ("g4_zetas", self.g4_zetas, lambda v: v == 0 or 1 <= v <= MAX_ZETA, f"0 or in [1, {MAX_ZETA}]"),
                 ("g4_lambdas", self.g4_lambdas, lambda v: v in (-1.0, 1.0), "-1 or 1")):
             if not values or not all(math.isfinite(v) and ok(v) for v in values):
                 raise ValueError(f"{name} must be a non-empty list of numbers {rule}, got {list(values)}")
@@ -315,6 +316,9 @@ def pair_vectors(graph: NeighborGraph, positions: torch.Tensor) -> torch.Tensor:
     return positions.index_select(0, graph.pair_j) - positions.index_select(0, graph.pair_i) + graph.pair_offset
 
 
+MAX_ZETA = 64  # the largest G4 ζ (also the largest the compiled kernels raise by repeated products)
+
+
 @functools.lru_cache(maxsize=32)
 def _channels(sf: SymmetryFunctions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """G2 η [H2] and G4 (η, ζ, λ, 2^(1−ζ)) per channel [H4], η divided by Rc² (AMP convention)."""
@@ -326,7 +330,7 @@ def _channels(sf: SymmetryFunctions) -> tuple[torch.Tensor, dict[str, torch.Tens
     distinct = sorted(set(sf.g4_etas))
     g4["etas"] = torch.tensor(distinct, dtype=DTYPE) / rc2
     g4["eta_of"] = torch.tensor([distinct.index(c[0]) for c in combos])
-    g4["zeta_int"] = torch.tensor([int(z) if float(z).is_integer() and 0 <= z <= 64 else -1 for z in g4["zeta"].tolist()])
+    g4["zeta_int"] = torch.tensor([int(z) if float(z).is_integer() and 0 <= z <= MAX_ZETA else -1 for z in g4["zeta"].tolist()])
     return torch.tensor(sf.g2_etas, dtype=DTYPE) / rc2, g4
 
 

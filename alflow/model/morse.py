@@ -78,6 +78,9 @@ def mix(pa: MorseParameters, pb: MorseParameters) -> tuple[float, float, float]:
     return D, re, math.log(2.0) / (re - sigma)
 
 
+DEFAULT_SWITCH_WIDTH = 1.0  # Å: the prior is switched off over the last this much before the cutoff
+
+
 def smoothstep(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """S(x) = 1 − 10x³ + 15x⁴ − 6x⁵ on [0, 1] (1 below, 0 above) and dS/dx; C² at both ends."""
     x = x.clamp(0.0, 1.0)
@@ -93,7 +96,7 @@ class MorsePrior:
         elements: Sequence[str],
         params: Mapping[str, MorseParameters] | None = None,
         cutoff: float = 6.0,
-        switch_width: float = 1.0,
+        switch_width: float = DEFAULT_SWITCH_WIDTH,
     ):
         if not 0 < switch_width <= cutoff:
             raise ValueError(f"switch_width must be in (0, cutoff], got {switch_width}")

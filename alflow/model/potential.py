@@ -36,7 +36,7 @@ from alflow.model.descriptors import (
     positions_vjp,
 )
 from alflow.model.ensemble import EnsemblePrediction, bootstrap_weights, ensemble_statistics
-from alflow.model.morse import MorseParameters, MorsePrior
+from alflow.model.morse import DEFAULT_SWITCH_WIDTH, MorseParameters, MorsePrior
 from alflow.model.network import ElementNetwork, FeatureScaler, StackedNetworks
 from alflow.model.training import TrainingData, TrainingSettings, train_member
 
@@ -96,7 +96,7 @@ class DeltaPotential:
         descriptor: SymmetryFunctions | Mapping | None = None,
         hidden: Sequence[int] = (20, 20),
         morse_params: Mapping[str, MorseParameters | Mapping] | None = None,
-        morse_switch_width: float = 1.0,
+        morse_switch_width: float = DEFAULT_SWITCH_WIDTH,
         training: TrainingSettings | Mapping | None = None,
     ):
         if prior not in ("morse", None):
@@ -325,7 +325,7 @@ class DeltaPotential:
             meta["elements"], meta["prior"], meta["ensemble"], meta["seed"],
             descriptor=meta["descriptor"], hidden=meta["hidden"],
             morse_params=morse["params"] if morse else None,
-            morse_switch_width=morse["switch_width"] if morse else 1.0,
+            morse_switch_width=morse["switch_width"] if morse else DEFAULT_SWITCH_WIDTH,
             training=meta["training"],
         )
         pot.energy_scale = float(meta["energy_scale"])
