@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from alflow.status import failed_launch, failure_line, last_error
+from alflow.status import CTRL_C, failed_launch, failure_line, last_error
 from alflow.store.embedded import (  # noqa: F401 (STORE_FILE, snapshot, use_store: this module's API too)
     STORE_FILE,
     embedded_queries,
@@ -348,7 +348,7 @@ class EmbeddedRunner:
                 self.lp.rerun_fw(fw["fw_id"])
         # and those a Ctrl-C stopped (FireWorks records it as the firework's failure)
         for fw in self.lp.fireworks.find({"state": "FIZZLED"}, {"fw_id": 1}):
-            if last_error(failed_launch(self.lp.launches, fw["fw_id"])) == "KeyboardInterrupt":
+            if last_error(failed_launch(self.lp.launches, fw["fw_id"])) == CTRL_C:
                 self.lp.rerun_fw(fw["fw_id"])
         self.save()
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -294,15 +294,20 @@ def _descriptor(v):
     from alflow.model.descriptors import SymmetryFunctions
 
     table = _mapping(v)
-    allowed = ("cutoff", "g2_etas", "g4_etas", "g4_zetas", "g4_lambdas")
+    allowed = [f.name for f in fields(SymmetryFunctions) if f.name != "elements"]
     unknown = sorted(set(table) - set(allowed), key=str)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+    number = _number()
     for key, value in table.items():
-        numbers = [value] if key == "cutoff" else value
-        if not isinstance(numbers, list) or any(isinstance(n, bool) or not isinstance(n, (int, float))
-                                                or abs(n) > sys.float_info.max for n in numbers):
-            raise ValueError(f"{key} must be {'a number' if key == 'cutoff' else 'a list of numbers'}, got {value!r}")
+        values = [value] if key == "cutoff" else value
+        try:
+            if not isinstance(values, list):
+                raise ValueError
+            for n in values:
+                number(n)  # the spec's own number check: no bool, string, NaN, inf or too-large integer
+        except ValueError:
+            raise ValueError(f"{key} must be {'a number' if key == 'cutoff' else 'a list of numbers'}, got {value!r}") from None
     SymmetryFunctions(("H",), **table)
     return table
 

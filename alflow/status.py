@@ -14,6 +14,7 @@ from dataclasses import dataclass
 ACTIVE = ("RUNNING", "RESERVED")
 INTERRUPTED = "interrupted"
 FAILED = "failed"
+CTRL_C = "KeyboardInterrupt"  # the last traceback line of a firework a Ctrl-C stopped: rerun, not failed
 
 
 @dataclass
@@ -64,7 +65,7 @@ def failed_firework(db, name: str) -> tuple[str, str] | None:
     for fw in db["fireworks"].find({"name": {"$regex": f"^{re.escape(name)}: "}, "state": "FIZZLED"},
                                    {"fw_id": 1, "name": 1}):
         error = last_error(failed_launch(db["launches"], fw["fw_id"]))
-        if error != "KeyboardInterrupt":
+        if error != CTRL_C:
             return fw["name"], error
     return None
 
