@@ -431,6 +431,9 @@ def merge(
                                **{k: v for k, v in checks.items() if k in STOP_STATE_FIELDS})
         criteria = stop.StopCriteria.from_dict(campaign["spec"]["learner"]["stop"], campaign["kind"])
         decision = stop.evaluate(criteria, state)
+        if not records and not decision.done:  # the next round would train on the same data
+            decision = stop.StopDecision(True, False, f"stopped without converging: round {iteration} had nothing "
+                                         "new to label (every structure its query could choose is labelled)")
     limit = campaign["spec"]["learner"].get("max_failures_per_iteration")
     if limit is not None and broken > limit and not decision.converged:
         decision = stop.StopDecision(True, False, f"stopped: {broken} oracle calls failed in round {iteration}, "

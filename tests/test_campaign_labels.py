@@ -174,3 +174,15 @@ def test_a_merge_run_twice_counts_its_round_once(tmp_path):
     again = steps.merge(store, store.campaign("m"), 0, computed, [])  # e.g. the merge firework rerun
     assert again.paid == 1 and store.campaign("m")["counters"]["oracle_calls"] == 1
     assert len(store.campaign("m")["label_ids"]) == 1
+
+
+def test_a_round_with_nothing_new_to_label_stops_the_campaign(tmp_path):
+    """A round whose query finds every structure labelled (e.g. an ML MD whose atoms fused right
+    after its labelled first frame) gives the next round the same training set: the campaign stops
+    (it ran such empty rounds up to max_iterations)."""
+    store, c = relax_campaign(tmp_path, "m")
+    seed_with(store, c)
+    empty = steps.merge(store, store.campaign("m"), 1, [], [])
+    assert empty.decision.done and not empty.decision.converged
+    assert "round 1 had nothing new to label" in empty.decision.reason
+    assert store.campaign("m")["counters"]["oracle_calls"] == 1
