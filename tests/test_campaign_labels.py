@@ -186,3 +186,16 @@ def test_a_round_with_nothing_new_to_label_stops_the_campaign(tmp_path):
     assert empty.decision.done and not empty.decision.converged
     assert "round 1 had nothing new to label" in empty.decision.reason
     assert store.campaign("m")["counters"]["oracle_calls"] == 1
+
+
+def test_a_merge_rerun_does_not_add_an_attempt_to_a_failed_label(tmp_path):
+    """Its round's failed result stored again is the same attempt: the label stays worth retrying."""
+    store, c = relax_campaign(tmp_path, "m")
+    to_compute, _, _ = seed_with(store, c, TIMEOUT)
+    label = store.label(to_compute[0].hash, c["oracle_hash"])
+    assert failures.attempts(label) == 1
+    for _ in range(2):  # the merge firework rerun twice
+        steps.merge(store, store.campaign("m"), 0, [{"candidate": to_compute[0].to_dict(), "result": TIMEOUT}], [])
+    label = store.label(to_compute[0].hash, c["oracle_hash"])
+    assert failures.attempts(label) == 1 and failures.worth_retrying(label)
+    assert store.campaign("m")["counters"]["oracle_calls"] == 1

@@ -124,6 +124,12 @@ def _object_id(value) -> ObjectId:
     return ObjectId(str(value))
 
 
+def _same_attempt(existing: Mapping, doc: Mapping) -> bool:
+    """Whether ``doc`` is the stored failed label again (a merge rerun after a crash stores its
+    round's results a second time), not a new attempt: the same round and the same outcome."""
+    return all(existing.get(k) == doc.get(k) for k in ("campaign", "iteration", "status", "reason", "failure_class", "seconds"))
+
+
 def _finite_array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
     arr = np.asarray(value, dtype=float)
     if arr.shape != shape:
@@ -332,7 +338,7 @@ class Store:
             existing = self.labels_collection.find_one(key)
             if existing is None:  # removed in between: try inserting again
                 continue
-            if existing["status"] == "ok":
+            if existing["status"] == "ok" or _same_attempt(existing, doc):
                 return existing, False
             replacement = dict(doc, _id=existing["_id"])
             replacement["history"] = list(existing.get("history", [])) + [
