@@ -101,3 +101,19 @@ def dying_emt(log: str) -> EMT:
 def broken_strategy(ctx, samples):
     """A query plug-in with a bug: its firework fizzles."""
     raise ValueError("this plug-in is broken")
+
+
+class MisshapenEMT(EMT):
+    """EMT whose forces lose the first ``drop`` atoms (e.g. a wrapper returning free atoms only)."""
+
+    def __init__(self, drop: int = 4):
+        super().__init__()
+        self.drop = drop
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        super().calculate(atoms, properties, system_changes)
+        self.results["forces"] = self.results["forces"][self.drop:]
+
+
+def misshapen_emt(drop: int = 4) -> EMT:
+    return MisshapenEMT(drop)

@@ -47,6 +47,12 @@ def test_a_stress_the_oracle_computed_is_kept():
     np.testing.assert_allclose(result["stress"], ref.get_stress(), atol=1e-12)
 
 
+def test_forces_of_the_wrong_shape_are_a_failed_label_not_a_crash_at_the_merge():
+    result = compute_label(c_cu100(), {"kind": "python", "callable": "flaky_oracle:misshapen_emt"})
+    assert result["status"] == "failed" and result["failure_class"] == "exception"
+    assert result["reason"] == "ValueError: the oracle returned forces of shape (9, 3) for 13 atoms"
+
+
 def test_overlapping_structure_is_rejected_without_calling_the_oracle(tmp_path):
     atoms, c, cu = fused()
     counter = tmp_path / "calls.txt"

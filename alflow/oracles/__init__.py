@@ -198,11 +198,16 @@ def compute_label(atoms: Atoms, oracle: Mapping[str, Any]) -> dict[str, Any]:
         atoms = atoms.copy()
         atoms.calc = calculator_factory(kind, options)()
         energy = float(atoms.get_potential_energy())
-        forces = atoms.get_forces(apply_constraint=False)
-        result: dict[str, Any] = {"status": "ok", "energy": energy, "forces": np.asarray(forces).tolist()}
+        forces = np.asarray(atoms.get_forces(apply_constraint=False), dtype=float)
+        if forces.shape != (len(atoms), 3):  # would fail only when stored, in the merge, again on every rerun
+            raise ValueError(f"the oracle returned forces of shape {forces.shape} for {len(atoms)} atoms")
+        result: dict[str, Any] = {"status": "ok", "energy": energy, "forces": forces.tolist()}
         stress = atoms.calc.results.get("stress")  # kept when the oracle computed it anyway (no extra call)
         if stress is not None:
-            result["stress"] = np.asarray(stress).tolist()
+            stress = np.asarray(stress, dtype=float)
+            if stress.shape not in ((6,), (3, 3)):
+                raise ValueError(f"the oracle returned a stress of shape {stress.shape}")
+            result["stress"] = stress.tolist()
         if not (np.isfinite(energy) and np.isfinite(forces).all() and np.isfinite(result.get("stress", 0.0)).all()):
             result = {"status": "failed", "failure_class": "nonfinite", "reason": "energy or forces not finite"}
     except Exception as exc:  # an oracle may fail in any way; it is recorded, not fatal
