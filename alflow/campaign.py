@@ -255,7 +255,7 @@ def run_simulation(
             return simulate.relax(start_images[0], calculator_factory(), simulate.RelaxSettings(**settings))
         begin = start_images[0].copy()  # the start's constraints, the best anchor's positions
         begin.positions = anchors[0].positions
-        settings["fmax"] = spec["learner"].get("refine_fmax") or settings["fmax"]
+        settings["fmax"] = refine_fmax(spec)
         relax_settings = simulate.RelaxSettings(**settings)
         calculator = refine.AnchoredCalculator(calculator_factory(), anchors[0], partners=anchors[1:])
         result = simulate.relax(begin, calculator, relax_settings)
@@ -278,6 +278,15 @@ def run_simulation(
     if settings.get("seed") is None:  # per-round seeds differ unless fixed
         settings["seed"] = spec["model"]["seed"] + 7919 * iteration
     return simulate.md(start_images[0], calculator_factory(), simulate.MDSettings(**settings))
+
+
+def refine_fmax(spec: Mapping) -> float:
+    """The refining relaxation's fmax (eV/Å): ``learner.refine_fmax`` or ``simulation.fmax``, at most
+    the stop's fmax. Above it, a best label between the two would pass as relaxed where the model
+    is matched to it: the round would return that label, already paid, and never get below the stop."""
+    fmax = spec["learner"].get("refine_fmax") or spec["simulation"]["fmax"]
+    stop_fmax = (spec["learner"].get("stop") or {}).get("fmax")
+    return fmax if stop_fmax is None else min(fmax, stop_fmax)
 
 
 def simulation_metrics(result: simulate.SimulationResult, seconds: float) -> dict:

@@ -253,3 +253,20 @@ def test_a_refined_relaxation_that_runs_away_is_redone_at_the_best_label_alone(s
     assert oracle_fmax(labelled(result.final)) < 0.01 + 1e-9  # EMT is the model and the oracle here
     good = steps.run_simulation(EMT, campaign, 3, anchors=[anchor, labelled(rattled(slab, 0.03, seed=22))])
     assert good.converged and good.info["refinement_anchors"] == 2
+
+
+def test_refining_relaxes_below_the_stop_fmax_whatever_simulation_fmax_says(slab):
+    """A best label between the stop's fmax (0.03) and the relaxation's (0.05, no refine_fmax)
+    would pass as relaxed at step 0 where the model is matched to it: the round would return the
+    label itself, already paid, and the campaign would never get below the stop."""
+    from alflow import campaign as steps
+
+    loose = simulate.relax(slab, EMT(), simulate.RelaxSettings(fmax=0.045)).final
+    anchor = labelled(loose)
+    assert 0.03 < oracle_fmax(anchor) < 0.05
+    campaign = {"kind": "relax", "start_structures": [steps.structure_to_dict(slab)],
+                "spec": {"simulation": {"fmax": 0.05, "steps": 300},
+                         "learner": {"refine_fmax": None, "stop": {"fmax": 0.03}}}}
+    assert steps.refine_fmax(campaign["spec"]) == 0.03
+    result = steps.run_simulation(EMT, campaign, 3, anchors=[anchor])
+    assert result.steps > 0 and oracle_fmax(labelled(result.final)) <= 0.03
