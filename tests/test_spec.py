@@ -251,3 +251,10 @@ def test_descriptor_zetas_below_one_are_refused_but_zero_is_allowed(folder, zeta
 def test_a_short_descriptor_cutoff_is_fine_without_the_morse_prior(folder):
     spec = load_spec(spec_file(folder, edited(model__prior="none", model__descriptor={"cutoff": 0.8})))
     assert spec.model["descriptor"] == {"cutoff": 0.8}
+
+
+def test_an_md_campaign_must_label_at_least_one_frame_a_round(folder):
+    md = dict(simulation={"kind": "md", "steps": 100},
+              learner={"kind": "offline", "query": {"strategy": "random", "samples": 0}, "stop": {"force_mae": 0.05}})
+    with pytest.raises(SpecError, match=r"campaign.yaml: learner.query.samples: must be >= 1 for MD .*got 0"):
+        load_spec(spec_file(folder, edited(**md)))
