@@ -305,12 +305,13 @@ def simulation_metrics(result: simulate.SimulationResult, seconds: float) -> dic
 def choose(
     store, campaign: Mapping, result: simulate.SimulationResult, iteration: int, also_labelled: Iterable[str] = ()
 ) -> tuple[list[Candidate], Candidate | None]:
-    """Frames to label next (never one the campaign already has, nor a hash in ``also_labelled``:
-    labels not merged yet) and the round's key structure: the predicted minimum (relax) or saddle
-    (neb), whose oracle label decides convergence."""
+    """Frames to label next (never one the campaign already has, unless its label failed in a way
+    another attempt may pass, nor a hash in ``also_labelled``: labels not merged yet) and the
+    round's key structure: the predicted minimum (relax) or saddle (neb), whose oracle label
+    decides convergence."""
     frames = result.band if campaign["kind"] == "neb" else result.frames
     docs = [d for d in (store.label_by_id(i) for i in campaign["label_ids"]) if d]
-    labelled = {d["structure_hash"] for d in docs}
+    labelled = {d["structure_hash"] for d in docs if not failures.worth_retrying(d)}
     labelled.update(also_labelled)
     reference = None  # NEB: a labelled structure standing in for the band's initial state
     within = campaign["spec"]["learner"].get("reuse_initial_within")

@@ -199,3 +199,17 @@ def test_a_merge_rerun_does_not_add_an_attempt_to_a_failed_label(tmp_path):
     label = store.label(to_compute[0].hash, c["oracle_hash"])
     assert failures.attempts(label) == 1 and failures.worth_retrying(label)
     assert store.campaign("m")["counters"]["oracle_calls"] == 1
+
+
+@pytest.mark.parametrize("failure, offered", [(TIMEOUT, True), (SCF, False)])
+def test_a_campaign_asks_again_for_its_own_structure_whose_label_may_pass_another_attempt(tmp_path, failure, offered):
+    """Its timed-out start is a frame to query again (and so its NEB barrier reference, or its
+    relax minimum, can still get a label); its start whose SCF did not converge is not."""
+    learner = {"query": {"strategy": "max_uncertainty", "samples": 1}, "stop": {"fmax": 0.03, "max_iterations": 5}}
+    store, c = relax_campaign(tmp_path, "t", learner=learner)
+    seed_with(store, c, failure)
+    c = store.campaign("t")
+    candidates, _ = steps.choose(store, c, fake_relaxation(c, [0.9, 0.5, 0.1]), 1)
+    assert [x.frame for x in candidates if x.role == "query"] == ([0] if offered else [1])
+    to_compute, reused = steps.split_cached(store, c, candidates)
+    assert (to_compute[0].frame == 0) is offered and reused == []
