@@ -7,9 +7,13 @@ on ``--frames`` of them, picked at random or by farthest-point sampling in descr
 400 other frames drawn at random: energy MAE (eV) and force MAE (eV/Å, components of free
 atoms), the issue's metric. An AL campaign's labels come from its own ML trajectories and
 include the first rounds' dives, so this is a floor for what ``--frames`` oracle calls can buy.
+Test frames from the same trajectory lie within a few fs of training frames; ``--test-seed S``
+scores on 400 frames of another oracle MD instead (velocity seed S), as a campaign is scored on
+its own last ML trajectory, a run the training set never saw. ``--dive-frames N`` adds N such frames to the training set: frames of the ML MD of a model fitted
+on the start alone (a campaign's round 1, run until its atoms fuse), labelled by the oracle.
 
     python benchmarks/bench_md_data_limit.py --seed 0 --frames 150 [--select fps]
-        [--hidden 20 20] [--g2-etas 0.05 0.2154 0.9283 5 20 80]
+        [--hidden 20 20] [--g2-etas 0.05 0.2154 0.9283 5 20 80] [--dive-frames 50]
     → one line of results, appended to benchmarks/results/md_data_limit.json
 """
 
@@ -68,6 +72,21 @@ def split(frames, n_train: int, select: str, seed: int, descriptor: SymmetryFunc
     return chosen, list(np.random.default_rng(seed + 99).choice(rest, TEST_FRAMES, replace=False))
 
 
+def dive_frames(start, n: int, seed: int, make_potential) -> list:
+    """``n`` frames (never the start) of the ML MD of a model fitted on the oracle's label of the
+    start alone, labelled by the oracle: what a campaign's first round queries."""
+    if n == 0:
+        return []
+    calc = EMT()
+    pot = make_potential().fit([labelled(start, calc)])
+    run = md(start, pot.calculator(), MDSettings(steps=MD_FRAMES - 1, seed=seed + 1))
+    if len(run.frames) <= n:
+        raise SystemExit(f"the dive lasted {len(run.frames)} frames, fewer than --dive-frames {n} + the start")
+    picks = np.random.default_rng(seed + 7).choice(np.arange(1, len(run.frames)), n, replace=False)
+    print(f"round-1 ML MD: {run.steps} steps ({run.stopped or 'ran to the end'}); {n} of its frames labelled")
+    return [labelled(run.frames[i], calc) for i in sorted(picks)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="MD velocity seed, split and member seeds")
@@ -76,7 +95,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, nargs="+", default=[20, 20])
     ap.add_argument("--g2-etas", type=float, nargs="+", default=list(SymmetryFunctions(ELEMENTS).g2_etas))
     ap.add_argument("--g4-etas", type=float, nargs="+", default=list(SymmetryFunctions(ELEMENTS).g4_etas))
+    ap.add_argument("--dive-frames", type=int, default=0, help="+ frames of a one-structure model's ML MD")
+    ap.add_argument("--test-seed", type=int, default=None, help="test on another oracle MD (this velocity seed)")
     args = ap.parse_args()
+    if args.dive_frames < 0:
+        ap.error("--dive-frames must be >= 0")
     if not 1 <= args.frames <= MD_FRAMES - TEST_FRAMES:
         ap.error(f"--frames must be 1-{MD_FRAMES - TEST_FRAMES} ({MD_FRAMES} MD frames, {TEST_FRAMES} kept for the test)")
     try:
@@ -89,22 +112,37 @@ def main() -> None:
     train_idx, test_idx = split(frames, args.frames, args.select, args.seed, descriptor)
     calc, free = EMT(), free_mask(start)
     train = [labelled(frames[i], calc) for i in train_idx]
-    test = [labelled(frames[i], calc) for i in test_idx]
+    if args.test_seed is not None:  # another run: 400 of its frames at random
+        if args.test_seed == args.seed:
+            ap.error("--test-seed must differ from --seed (the training trajectory)")
+        test_run = md(start, EMT(), MDSettings(steps=MD_FRAMES - 1, seed=args.test_seed)).frames
+        test_idx = np.random.default_rng(args.test_seed).choice(len(test_run), TEST_FRAMES, replace=False)
+    else:
+        test_run = frames
+    test = [labelled(test_run[i], calc) for i in test_idx]
+    def make_potential() -> DeltaPotential:
+        return DeltaPotential(ELEMENTS, ensemble=5, seed=args.seed, hidden=args.hidden, descriptor=descriptor,
+                              training=dict(epochs=1000, force_coefficient=0.3))
+
+    train += dive_frames(start, args.dive_frames, args.seed, make_potential)
     t0 = time.perf_counter()
-    pot = DeltaPotential(ELEMENTS, ensemble=5, seed=args.seed, hidden=args.hidden, descriptor=descriptor,
-                         training=dict(epochs=1000, force_coefficient=0.3)).fit(train)
+    pot = make_potential().fit(train)
     fit_s = time.perf_counter() - t0
     co = [a.index for a in start if a.symbol in ("C", "O")]
     predictions = pot.predict(test)
     energy_mae = np.mean([abs(p.energy - a.get_potential_energy()) for p, a in zip(predictions, test)])
     force_mae = np.mean([np.abs(np.asarray(p.forces) - a.get_forces())[free].mean() for p, a in zip(predictions, test)])
-    row = {"seed": args.seed, "frames": args.frames, "select": args.select, "hidden": args.hidden,
+    row = {"seed": args.seed, "test_seed": args.test_seed, "frames": args.frames, "dive_frames": args.dive_frames,
+           "select": args.select,
+           "hidden": args.hidden,
            "g2_etas": args.g2_etas, "g4_etas": args.g4_etas, "energy_mae": float(energy_mae),
            "force_mae": float(force_mae), "fit_s": round(fit_s, 1),
            "c_o_distance_every_250_fs": [round(f.get_distance(*co), 3) for f in frames[::250]]}
-    print(f"{'seed':>4} {'frames':>6} {'select':>6} {'hidden':>8} {'G2 etas':>32} {'E MAE eV':>9} {'F MAE eV/Å':>10}")
-    print(f"{args.seed:>4} {args.frames:>6} {args.select:>6} {str(args.hidden):>8} {str(args.g2_etas):>32} "
-          f"{energy_mae:>9.4f} {force_mae:>10.4f}")
+    if args.test_seed is not None:
+        row["test_c_o_distance_every_250_fs"] = [round(f.get_distance(*co), 3) for f in test_run[::250]]
+    print(f"{'seed':>4} {'frames':>6} {'dive':>4} {'select':>6} {'hidden':>8} {'G2 etas':>32} {'E MAE eV':>9} {'F MAE eV/Å':>10}")
+    print(f"{args.seed:>4} {args.frames:>6} {args.dive_frames:>4} {args.select:>6} {str(args.hidden):>8} "
+          f"{str(args.g2_etas):>32} {energy_mae:>9.4f} {force_mae:>10.4f}")
     runs = json.loads(RESULTS.read_text())["runs"] if RESULTS.exists() else []
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "md_data_limit", "test_frames": TEST_FRAMES,
