@@ -403,7 +403,7 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
             check(strategy if key == "strategy" else samples)
         except (ValueError, TypeError) as exc:
             raise SpecError(f"{_at(where + ('query', key))}: {exc}") from None
-    if kind == "md" and isinstance(samples, int) and samples < 1:
+    if kind == "md" and samples < 1:  # an integer >= 0 by now
         raise SpecError(f"{_at(where + ('query', 'samples'))}: must be >= 1 for MD (the frames each round labels "
                         f"are those the stop criterion validates on), got {samples}")
     bad = query.option_error(strategy, q)

@@ -9,11 +9,12 @@ atoms), the issue's metric. An AL campaign's labels come from its own ML traject
 include the first rounds' dives, so this is a floor for what ``--frames`` oracle calls can buy.
 Test frames from the same trajectory lie within a few fs of training frames; ``--test-seed S``
 scores on 400 frames of another oracle MD instead (velocity seed S), as a campaign is scored on
-its own last ML trajectory, a run the training set never saw. ``--dive-frames N`` adds N such frames to the training set: frames of the ML MD of a model fitted
-on the start alone (a campaign's round 1, run until its atoms fuse), labelled by the oracle.
+its own last ML trajectory, a run the training set never saw. ``--dive-frames N`` adds N frames
+of a first-round dive to the training set: frames of the ML MD of a model fitted on the start
+alone (a campaign's round 1, run until its atoms fuse), labelled by the oracle.
 
     python benchmarks/bench_md_data_limit.py --seed 0 --frames 150 [--select fps]
-        [--hidden 20 20] [--g2-etas 0.05 0.2154 0.9283 5 20 80] [--dive-frames 50]
+        [--hidden 20 20] [--g2-etas 0.05 0.2154 0.9283 5 20 80] [--test-seed 1] [--dive-frames 25]
     → one line of results, appended to benchmarks/results/md_data_limit.json
 """
 
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read
 
 from alflow.constraints import free_mask
+from alflow.demo import emt_labelled
 from alflow.model import DeltaPotential, SymmetryFunctions
 from alflow.model.descriptors import frame_features
 from alflow.simulate import MDSettings, md
@@ -39,15 +40,6 @@ RESULTS = Path(__file__).parent / "results" / "md_data_limit.json"
 ELEMENTS = ("Cu", "C", "O")
 TEST_FRAMES = 400
 MD_FRAMES = 2001  # 2 ps at 1 fs, the start included
-
-
-def labelled(frame, calc):
-    """A copy of ``frame`` carrying the oracle's energy and forces."""
-    atoms = frame.copy()
-    atoms.calc = calc
-    energy, forces = atoms.get_potential_energy(), atoms.get_forces(apply_constraint=False)
-    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
-    return atoms
 
 
 def farthest_points(x: np.ndarray, n: int) -> list[int]:
@@ -77,14 +69,13 @@ def dive_frames(start, n: int, seed: int, make_potential) -> list:
     start alone, labelled by the oracle: what a campaign's first round queries."""
     if n == 0:
         return []
-    calc = EMT()
-    pot = make_potential().fit([labelled(start, calc)])
+    pot = make_potential().fit([emt_labelled(start)])
     run = md(start, pot.calculator(), MDSettings(steps=MD_FRAMES - 1, seed=seed + 1))
     if len(run.frames) <= n:
         raise SystemExit(f"the dive lasted {len(run.frames)} frames, fewer than --dive-frames {n} + the start")
     picks = np.random.default_rng(seed + 7).choice(np.arange(1, len(run.frames)), n, replace=False)
     print(f"round-1 ML MD: {run.steps} steps ({run.stopped or 'ran to the end'}); {n} of its frames labelled")
-    return [labelled(run.frames[i], calc) for i in sorted(picks)]
+    return [emt_labelled(run.frames[i]) for i in sorted(picks)]
 
 
 def main() -> None:
@@ -100,6 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.dive_frames < 0:
         ap.error("--dive-frames must be >= 0")
+    if args.test_seed is not None and args.test_seed == args.seed:
+        ap.error("--test-seed must differ from --seed (the training trajectory)")
     if not 1 <= args.frames <= MD_FRAMES - TEST_FRAMES:
         ap.error(f"--frames must be 1-{MD_FRAMES - TEST_FRAMES} ({MD_FRAMES} MD frames, {TEST_FRAMES} kept for the test)")
     try:
@@ -110,16 +103,15 @@ def main() -> None:
     start = read(ROOT / "workflows" / "co_cu100.traj")
     frames = md(start, EMT(), MDSettings(steps=MD_FRAMES - 1, seed=args.seed)).frames
     train_idx, test_idx = split(frames, args.frames, args.select, args.seed, descriptor)
-    calc, free = EMT(), free_mask(start)
-    train = [labelled(frames[i], calc) for i in train_idx]
+    free = free_mask(start)
+    train = [emt_labelled(frames[i]) for i in train_idx]
     if args.test_seed is not None:  # another run: 400 of its frames at random
-        if args.test_seed == args.seed:
-            ap.error("--test-seed must differ from --seed (the training trajectory)")
         test_run = md(start, EMT(), MDSettings(steps=MD_FRAMES - 1, seed=args.test_seed)).frames
         test_idx = np.random.default_rng(args.test_seed).choice(len(test_run), TEST_FRAMES, replace=False)
     else:
         test_run = frames
-    test = [labelled(test_run[i], calc) for i in test_idx]
+    test = [emt_labelled(test_run[i]) for i in test_idx]
+
     def make_potential() -> DeltaPotential:
         return DeltaPotential(ELEMENTS, ensemble=5, seed=args.seed, hidden=args.hidden, descriptor=descriptor,
                               training=dict(epochs=1000, force_coefficient=0.3))
@@ -133,8 +125,7 @@ def main() -> None:
     energy_mae = np.mean([abs(p.energy - a.get_potential_energy()) for p, a in zip(predictions, test)])
     force_mae = np.mean([np.abs(np.asarray(p.forces) - a.get_forces())[free].mean() for p, a in zip(predictions, test)])
     row = {"seed": args.seed, "test_seed": args.test_seed, "frames": args.frames, "dive_frames": args.dive_frames,
-           "select": args.select,
-           "hidden": args.hidden,
+           "select": args.select, "hidden": args.hidden,
            "g2_etas": args.g2_etas, "g4_etas": args.g4_etas, "energy_mae": float(energy_mae),
            "force_mae": float(force_mae), "fit_s": round(fit_s, 1),
            "c_o_distance_every_250_fs": [round(f.get_distance(*co), 3) for f in frames[::250]]}
