@@ -173,27 +173,43 @@ def run_command(argv: list[str], directory: Path, stdout: str, stderr: str | Non
         except subprocess.TimeoutExpired:
             stop_process_group(proc)
             raise WalltimeExceeded(f"{code} ran past timeout_s = {timeout_s:g} s and was stopped") from None
-        except BaseException:  # interrupted or terminated: leave no ranks behind
+        except BaseException as exc:  # interrupted or terminated: leave no ranks behind
             stop_process_group(proc, grace_s=1.0)
+            if isinstance(exc, Terminated):
+                _die_of_sigterm()
             raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
 
 
+class Terminated(SystemExit):
+    """This process got SIGTERM while a code ran (see :func:`_raise_on_sigterm`)."""
+
+
 def _raise_on_sigterm():
     """While a code runs in its own session, a SIGTERM of this process (left at its default, in
-    the main thread) raises SystemExit instead of killing it, so the code's process group is
-    stopped too rather than orphaned. The previous handler, or None when nothing was changed."""
+    the main thread) raises :class:`Terminated` instead of killing it, so the code's process group
+    is stopped too rather than orphaned. The previous handler, or None when nothing was changed."""
     if threading.current_thread() is not threading.main_thread():
         return None
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
 
     def terminate(signum, frame):
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
 
     return signal.signal(signal.SIGTERM, terminate)
+
+
+def _die_of_sigterm() -> None:
+    """End this process as SIGTERM's default action would have, once the code is stopped. Not an
+    exception: FireWorks' Rocket catches every exception of a task, SystemExit included, and would
+    record the oracle firework as FIZZLED, a lost label; a worker killed by the signal is a lost
+    run instead, which the runner (or ``lpad detect_lostruns --rerun``) runs again."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(128 + signal.SIGTERM)  # not reached: the signal's default action ends the process
 
 
 def new_scratch_directory(root: str | None, prefix: str) -> Path:
