@@ -136,7 +136,11 @@ def start(store, spec: CampaignSpec) -> dict:
         "status": "running",
         "started_on": time.time(),
     }
-    store.update_campaign(spec.name, **fields)
+    try:
+        store.update_campaign(spec.name, **fields)
+    except BaseException:  # e.g. starting structures too large for a document: no half-made campaign
+        store.campaigns.delete_one({"name": spec.name, "status": "created"})
+        raise
     doc.update(fields)
     return doc
 

@@ -498,3 +498,30 @@ def test_md_merge_reads_whether_the_rounds_ml_md_ran_to_its_end(store):
     store.record_iteration("c", 3, {"energy_mae": 0.1})  # merged, no simulation metrics
     assert simulation_complete(store, "c", 1) is False and simulation_complete(store, "c", 2) is True
     assert simulation_complete(store, "c", 3) is None and simulation_complete(store, "c", 4) is None
+
+
+def test_a_campaign_whose_start_cannot_be_stored_leaves_nothing_behind(store, tmp_path, monkeypatch):
+    """`alflow submit` on a server: the campaign document is created, then given its starting
+    structures; when the second write is refused (here: as a structure too large for one document
+    would be), the first is undone, so the name can be submitted again once the input is fixed."""
+    import yaml
+    from ase.io import write
+
+    from alflow import campaign as steps
+    from alflow.spec import load_spec
+
+    write(tmp_path / "start.traj", c_cu100())
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({
+        "name": "big", "system": {"structure": "start.traj"}, "simulation": {"kind": "relax"},
+        "oracle": {"kind": "emt"}, "learner": {"stop": {"fmax": 0.05, "max_iterations": 2}}}))
+    spec = load_spec(tmp_path / "spec.yaml")
+
+    def refuse(name, **fields):
+        raise DocumentRejected("campaigns: refused document: 17.0 MiB is over MongoDB's 16 MiB limit")
+
+    monkeypatch.setattr(store, "update_campaign", refuse)
+    with pytest.raises(DocumentRejected):
+        steps.start(store, spec)
+    assert store.campaign("big") is None
+    monkeypatch.undo()
+    assert steps.start(store, spec)["status"] == "running" and store.campaign("big")["elements"] == ["C", "Cu"]
