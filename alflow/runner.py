@@ -12,7 +12,9 @@ polling cycle), atomically.
 Resume after a crash or kill -9 (of the runner and/or workers): a worker still running is adopted
 (its pid in the launch directory), a finished one is recovered from its ``FW_offline.json`` (the
 oracle is not paid again), one that died without a result is rerun, and a firework this process
-was running when it died is rerun.
+was running when it died is rerun, unless it is an oracle firework that had paid for its call
+(its label in the launch directory, ``label_result.json``): that one is completed from it. A
+worker whose firework FIZZLED (a ``kill -INT``) left no label either and counts as lost.
 """
 
 from __future__ import annotations
@@ -204,20 +206,20 @@ class EmbeddedRunner:
             self._run()
 
     def _run(self) -> None:
-        try:
-            while True:
-                changed = self.reap() | self.dispatch()
-                if changed:
-                    self.save()
-                if self.run_local():
-                    continue
-                if self.active:
-                    time.sleep(POLL_SECONDS)
-                    continue
-                if not changed:
-                    return
-        finally:
-            self.save()
+        # every state change is saved as it happens; an exception (a Ctrl-C) can come in the middle
+        # of FireWorks' several-document updates, so what it leaves in memory is not saved
+        while True:
+            changed = self.reap() | self.dispatch()
+            if changed:
+                self.save()
+            if self.run_local():
+                continue
+            if self.active:
+                time.sleep(POLL_SECONDS)
+                continue
+            if not changed:
+                break
+        self.save()
 
     def save(self) -> None:
         if self.path is not None:
@@ -295,8 +297,14 @@ class EmbeddedRunner:
         """A finished worker's FWAction into the store, or a rerun if it left none (lost worker:
         an infrastructure failure, not the structure's, so nothing is recorded against it) -- up
         to MAX_LOST_RUNS runs: then the label is recorded as a ``crash`` failure, so a structure
-        that kills its worker every time (out of memory, a segfault) is not paid for for ever."""
-        if "fwaction" in _offline_result(launch_dir):
+        that kills its worker every time (out of memory, a segfault) is not paid for for ever.
+
+        A worker whose firework FIZZLED left no label either: every oracle failure is a label
+        (``compute_label``), so what FIZZLES is the run itself (a ``kill -INT`` of the worker,
+        which FireWorks' Rocket records as the task's failure). Recovered as FIZZLED, the merge
+        would go on without the label; it is a lost run instead."""
+        result = _offline_result(launch_dir)
+        if "fwaction" in result and result.get("state") != "FIZZLED":
             if self.lp.recover_offline(launch_id, ignore_errors=True) is None:
                 return
             # a result is there: never pay again for it. FireWorks also reads the worker's last
@@ -305,24 +313,41 @@ class EmbeddedRunner:
             if self.lp.recover_offline(launch_id, ignore_errors=True) is None:
                 return
         self.lp.forget_offline(launch_id)
+        if self._complete_from_result(launch_id, fw_id, launch_dir):  # paid, killed before it was reported
+            return
         runs = self.lp.launches.count_documents({"fw_id": fw_id})
         if runs >= MAX_LOST_RUNS and self._record_lost_label(launch_id, fw_id, launch_dir, runs):
             return
         self.lp.rerun_fw(fw_id)
 
+    def _complete_from_result(self, launch_id: int, fw_id: int, launch_dir: Path) -> bool:
+        """Complete an oracle firework from the label its task left in ``launch_dir``
+        (:data:`~alflow.fw.tasks.LABEL_RESULT`) when the run was killed before FireWorks recorded
+        it: that call is paid, never paid again. False when there is no such label."""
+        from alflow.fw.tasks import LABEL_RESULT, LabelTask, label_action
+        try:
+            result = json.loads((launch_dir / LABEL_RESULT).read_text())
+        except (OSError, ValueError):
+            return False
+        task = self.lp.get_fw_by_id(fw_id).tasks[0]
+        if not isinstance(task, LabelTask) or not isinstance(result, dict) or "status" not in result:
+            return False
+        self.lp.complete_launch(launch_id, label_action(task["candidate"], result), "COMPLETED")
+        return True
+
     def _record_lost_label(self, launch_id: int, fw_id: int, launch_dir: Path, runs: int) -> bool:
         """Complete an oracle firework whose worker died ``runs`` times with the failed label its
         LabelTask would have returned (class ``crash``); False if it is not a label firework."""
         from alflow.fw.tasks import LabelTask, label_action
+        from alflow.oracles import failures
 
         task = self.lp.get_fw_by_id(fw_id).tasks[0]
         if not isinstance(task, LabelTask):
             return False
         log = (launch_dir / "worker.log").read_text(errors="replace").strip().splitlines()[-3:] \
             if (launch_dir / "worker.log").is_file() else []
-        result = {"status": "failed", "failure_class": "crash", "seconds": 0.0,
-                  "reason": f"the worker process died {runs} times without a result (out of memory? killed?); "
-                            f"last run in {launch_dir}" + (f": {' | '.join(log)}" if log else "")}
+        result = failures.lost(f"the worker process ended {runs} times without a result (out of memory? killed?); "
+                               f"last run in {launch_dir}" + (f": {' | '.join(log)}" if log else ""))
         self.lp.complete_launch(launch_id, label_action(task["candidate"], result), "COMPLETED")
         return True
 
@@ -341,16 +366,31 @@ class EmbeddedRunner:
             else:
                 self.lp.forget_offline(launch_id)
                 self.lp.rerun_fw(run["fw_id"])
-        # fireworks this process's predecessor was running itself (no offline run): run them again
+        # fireworks this process's predecessor was running itself (no offline run): completed from
+        # the label they left (an oracle call paid just before the kill), or run again
         mine = {r["fw_id"] for r in offline.values()}
         for fw in self.lp.fireworks.find({"state": {"$in": ["RESERVED", "RUNNING"]}}, {"fw_id": 1}):
-            if fw["fw_id"] not in mine:
+            if fw["fw_id"] in mine:
+                continue
+            launch = self.lp.launches.find_one({"fw_id": fw["fw_id"], "state": "RUNNING"}, {"launch_id": 1, "launch_dir": 1},
+                                               sort=[("launch_id", -1)])
+            if launch is None or not self._complete_from_result(launch["launch_id"], fw["fw_id"],
+                                                                Path(launch["launch_dir"])):
                 self.lp.rerun_fw(fw["fw_id"])
-        # and those a Ctrl-C stopped (FireWorks records it as the firework's failure)
+        # and those a Ctrl-C stopped (FireWorks records it as the firework's failure), unless what
+        # follows them has run since: FireWorks would rerun that too, and pay its labels again
         for fw in self.lp.fireworks.find({"state": "FIZZLED"}, {"fw_id": 1}):
-            if last_error(failed_launch(self.lp.launches, fw["fw_id"])) == CTRL_C:
+            stopped = last_error(failed_launch(self.lp.launches, fw["fw_id"])) == CTRL_C
+            if stopped and not self._children_ran(fw["fw_id"]):
                 self.lp.rerun_fw(fw["fw_id"])
         self.save()
+
+    def _children_ran(self, fw_id: int) -> bool:
+        """Whether a firework that depends on ``fw_id`` has left WAITING / READY."""
+        wf = self.lp.workflows.find_one({"nodes": fw_id}, {"links": 1})
+        children = (wf or {}).get("links", {}).get(str(fw_id), [])
+        return self.lp.fireworks.count_documents(
+            {"fw_id": {"$in": children}, "state": {"$nin": ["WAITING", "READY"]}}) > 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,14 +45,56 @@ class LoggingEMT(EMT):
         from alflow.store.hashing import structure_hash
 
         start = time.time()
-        time.sleep(self.seconds)
+        self.wait()
         super().calculate(atoms, properties, system_changes)
         with open(self.log, "a") as fh:  # one short append: atomic across processes
             fh.write(f"{start:.3f} {time.time():.3f} {structure_hash(self.atoms)}\n")
 
+    def wait(self) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
 
 def logging_emt(log: str, seconds: float = 0.0) -> EMT:
     return LoggingEMT(log, seconds)
+
+
+class CodeLoggingEMT(LoggingEMT):
+    """LoggingEMT whose wait is an external code (``sleep``) run as alflow runs DFT codes: in its
+    own process group, a SIGTERM of this process stopping it first."""
+
+    def wait(self) -> None:
+        import tempfile
+
+        from alflow.oracles.external import run_command
+
+        with tempfile.TemporaryDirectory() as folder:
+            run_command(["sleep", str(self.seconds)], Path(folder), "sleep.out", code="sleep")
+
+
+def code_logging_emt(log: str, seconds: float = 0.0) -> EMT:
+    return CodeLoggingEMT(log, seconds)
+
+
+class ExitingEMT(EMT):
+    """EMT that raises SystemExit (not an Exception: no oracle failure, the firework's own) on
+    every ``period``-th calculation, counted in ``counter`` across processes."""
+
+    def __init__(self, counter: str, period: int = 3):
+        super().__init__()
+        self.counter, self.period = Path(counter), period
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        with open(self.counter, "ab") as fh:
+            fh.write(b".")
+        if self.counter.stat().st_size % self.period == 0:
+            raise SystemExit(f"simulated exit on call {self.counter.stat().st_size}")
+        super().calculate(atoms, properties, system_changes)
+
+
+def exiting_emt(counter: str, period: int = 3) -> EMT:
+    return ExitingEMT(counter, period)
 
 
 class FlakyLoggingEMT(LoggingEMT):
@@ -117,3 +159,8 @@ class MisshapenEMT(EMT):
 
 def misshapen_emt(drop: int = 4) -> EMT:
     return MisshapenEMT(drop)
+
+
+def interrupt() -> None:
+    """A task stopped by a Ctrl-C (for a FireWorks PyTask)."""
+    raise KeyboardInterrupt

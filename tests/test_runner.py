@@ -171,8 +171,13 @@ def test_runner_killed_at_random_points_resumes_without_paying_twice(tmp_path, r
     assert_each_call_once(tmp_path)
 
 
-def test_worker_killed_mid_call_is_rerun(tmp_path):
-    spec = md_spec(tmp_path, seconds=3.0, rounds=1)
+@pytest.mark.parametrize("signum, oracle", [(signal.SIGKILL, "logging_emt"), (signal.SIGTERM, "code_logging_emt"),
+                                             (signal.SIGINT, "code_logging_emt")], ids=["SIGKILL", "SIGTERM", "SIGINT"])
+def test_worker_killed_mid_call_is_rerun(tmp_path, signum, oracle):
+    """kill -9; kill (a queue's preemption, scancel) while the worker runs a code; kill -INT. FireWorks'
+    Rocket records an exception in a task, SystemExit and KeyboardInterrupt included, as the
+    firework's failure: FIZZLED, the merge would go on without the label. Each is a lost run instead."""
+    spec = md_spec(tmp_path, seconds=3.0, rounds=1, callable_=oracle)
     runner = start_alflow("run", spec.name, "--store", "store", "--workers", "2", cwd=tmp_path)
     try:
         deadline, victim = time.time() + 300, None
@@ -184,13 +189,55 @@ def test_worker_killed_mid_call_is_rerun(tmp_path):
             time.sleep(0.1)
         assert victim is not None
         time.sleep(1.0)
-        os.kill(victim, signal.SIGKILL)
+        os.kill(victim, signum)
         assert runner.wait(timeout=900) in (0, 3)
     finally:
         runner.kill()
     s = summary(tmp_path)
     assert s["oracle_calls"] == 5 and s["failed_labels"] == 0  # the lost call was redone, not failed
     assert_each_call_once(tmp_path)  # the killed call never finished, so it was paid once
+    fireworks = [d for _, d in store_is_whole(tmp_path)["alflow"]["fireworks"]["documents"]]
+    assert "FIZZLED" not in {d["state"] for d in fireworks}
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_killed_right_after_an_oracle_call_is_paid_it_is_not_paid_again(tmp_path, workers):
+    """kill -9 right after a Label task's oracle call returned, before FireWorks recorded the firework:
+    of the runner running it (no workers), then `alflow resume`; of the worker running it, which the
+    runner sees at once. The firework is completed from the label the task left in its launch
+    directory."""
+    spec = md_spec(tmp_path, seconds=0.0, samples=3, rounds=1)
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(TESTS / "killswitch"), _env()["PYTHONPATH"]]),
+           "ALFLOW_TEST_DIE_AFTER_LABEL": "2" if workers == "0" else "1",  # the runner: round 1's first label
+           "ALFLOW_TEST_DIE_MARKER": str(tmp_path / "killed")}
+    run = subprocess.run([sys.executable, "-m", "alflow", "run", spec.name, "--store", "store", "--workers", workers],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert (tmp_path / "killed").exists()
+    if workers == "0":
+        assert run.returncode == -signal.SIGKILL and len(calls(tmp_path)) == 2
+        resumed = alflow("resume", "--store", "store", cwd=tmp_path)
+        assert resumed.returncode in (0, 3), resumed.stderr
+    assert_each_call_once(tmp_path)
+    assert summary(tmp_path)["oracle_calls"] == 4 and summary(tmp_path)["failed_labels"] == 0
+
+
+def test_a_label_firework_that_fizzles_is_recorded_as_a_failed_call(tmp_path):
+    """An oracle firework that ends without a label (here the oracle raises SystemExit, which is no
+    oracle failure; a stock rlaunch interrupted is another) FIZZLES; the merge, which may run
+    without it, records its structure as a failed ``crash`` call rather than leaving it out."""
+    write(tmp_path / "co.traj", co_cu100())
+    spec = {"name": "md", "system": {"structure": "co.traj"}, "simulation": {"kind": "md", "steps": 10, "seed": 1},
+            "oracle": {"kind": "python", "callable": "flaky_oracle:exiting_emt",
+                       "kwargs": {"counter": str(tmp_path / "count"), "period": 3}},
+            "model": {"ensemble": 2, "epochs": 20},
+            "learner": {"query": {"strategy": "random", "samples": 2}, "stop": {"max_iterations": 1}}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    proc = alflow("run", "spec.yaml", "--store", "store", cwd=tmp_path)  # in-process: no workers
+    assert proc.returncode == 3, proc.stderr  # finished, unconverged (one round)
+    labels = [d for _, d in store_is_whole(tmp_path)["alflow"]["labels"]["documents"]]
+    (lost,) = [d for d in labels if d["status"] == "failed"]  # the third call of three
+    assert lost["failure_class"] == "crash" and "its oracle firework ended without a result (FIZZLED" in lost["reason"]
+    assert summary(tmp_path)["failed_labels"] == 1 and summary(tmp_path)["oracle_calls"] == 3
 
 
 def test_failing_oracle_in_workers_is_recorded_by_class(tmp_path):
@@ -263,7 +310,7 @@ def test_a_structure_that_kills_its_worker_every_time_is_recorded_as_a_crash_aft
     assert len((tmp_path / "attempts.log").read_text().splitlines()) == 3
     (label,) = [d for _, d in store_is_whole(tmp_path)["alflow"]["labels"]["documents"]]
     assert label["status"] == "failed" and label["failure_class"] == "crash"
-    assert "the worker process died 3 times without a result" in label["reason"]
+    assert "the worker process ended 3 times without a result" in label["reason"]
     assert summary(tmp_path)["failed_labels"] == 1
 
 
@@ -298,3 +345,36 @@ def test_submit_to_a_database_fireworks_never_used(tmp_path, monkeypatch):
     assert db.campaigns.count_documents({}) == 1 and db.fireworks.count_documents({}) == 1
     assert main(["submit", "spec.yaml", "-l", "lp.yaml"]) == 1  # the same name again: refused, nothing added
     assert db.campaigns.count_documents({}) == 1 and db.fireworks.count_documents({}) == 1
+
+
+def test_resume_reruns_a_firework_a_ctrl_c_stopped_only_while_what_follows_has_not_run(tmp_path, monkeypatch):
+    """FireWorks reruns a firework's descendants with it: a Ctrl-C'd firework whose child already
+    ran (a merge that went on without it) is left as it is, or the child's labels are paid again."""
+    import fireworks.core.launchpad as fw_launchpad
+    import mongomock
+    from fireworks import Firework, FWorker, LaunchPad, PyTask, ScriptTask, Workflow
+    from fireworks.core.rocket_launcher import launch_rocket
+    from mongomock.store import ServerStore
+
+    import mongomock.gridfs
+
+    from alflow.runner import EmbeddedRunner
+
+    mongomock.gridfs.enable_gridfs_integration()
+    server = ServerStore()
+    monkeypatch.setattr(fw_launchpad, "MongoClient", lambda *a, **k: mongomock.MongoClient(_store=server))
+    monkeypatch.chdir(tmp_path)
+    lp = LaunchPad(name="alflow", strm_lvl="ERROR")
+    lp.reset("", require_password=False)
+    for name in ("ran", "waits"):
+        stopped = Firework([PyTask(func="flaky_oracle.interrupt")], name=f"{name}: stopped")
+        child = Firework([ScriptTask.from_str("true")], name=f"{name}: child", spec={"_allow_fizzled_parents": True})
+        lp.add_wf(Workflow([stopped, child], {stopped: [child]}))
+    ids = {fw["name"]: fw["fw_id"] for fw in lp.fireworks.find({}, {"name": 1, "fw_id": 1})}
+    for name in ("ran: stopped", "ran: child", "waits: stopped"):
+        launch_rocket(lp, FWorker(), fw_id=ids[name], strm_lvl="ERROR")
+    state = lambda name: lp.fireworks.find_one({"fw_id": ids[name]})["state"]  # noqa: E731
+    assert [state(n) for n in ("ran: stopped", "ran: child", "waits: stopped")] == ["FIZZLED", "COMPLETED", "FIZZLED"]
+    EmbeddedRunner(lp, None, progress=lambda line: None, launches=tmp_path / "launches").adopt()
+    assert (state("ran: stopped"), state("ran: child")) == ("FIZZLED", "COMPLETED")  # nothing paid twice
+    assert state("waits: stopped") in ("READY", "WAITING")  # its child has not run: redone

@@ -11,12 +11,15 @@ LaunchPad (``_add_launchpad_and_fw_id``): the same database and client as FireWo
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from fireworks import FiretaskBase, FWAction, explicit_serialize
 
 from alflow.oracles import compute_label
 from alflow.store.documents import atoms_from_document
+from alflow.store.embedded import write_atomically
 
 # The ML steps (alflow.campaign, torch) are imported in the tasks that use them: a worker process
 # that only runs LabelTask starts without them.
@@ -100,13 +103,22 @@ class ExploreTask(_StoreTask):
 
 @explicit_serialize
 class LabelTask(FiretaskBase):
-    """One oracle calculation. Never touches the database: runs offline and on any queue."""
+    """One oracle calculation. Never touches the database: runs offline and on any queue.
+
+    The result is also written to ``label_result.json`` in the launch directory as soon as it is
+    paid for: a runner killed before FireWorks records the firework completes it from there
+    (``alflow resume``) instead of paying for it again."""
 
     required_params = ["candidate", "oracle"]
 
     def run_task(self, fw_spec):
         cand = self["candidate"]
-        return label_action(cand, compute_label(atoms_from_document(cand["structure"]), self["oracle"]))
+        result = compute_label(atoms_from_document(cand["structure"]), self["oracle"])
+        write_atomically(Path(LABEL_RESULT), json.dumps(result))
+        return label_action(cand, result)
+
+
+LABEL_RESULT = "label_result.json"  # a Label firework's result, in its launch directory
 
 
 def label_action(candidate: dict, result: dict) -> FWAction:
@@ -121,15 +133,22 @@ class MergeTask(_StoreTask):
     """Store the round's labels, evaluate the stop criterion; next round or final results."""
 
     required_params = ["campaign", "iteration", "reused"]
-    optional_params = ["key", "trajectory"]
+    optional_params = ["key", "trajectory", "computing"]  # computing: the candidates of the Label fireworks
 
     def run_task(self, fw_spec):
         from alflow import campaign as steps
         from alflow.fw.workflow import round_firework
+        from alflow.oracles import failures
 
         store, campaign = self.store_and_campaign()
         i = self["iteration"]
-        computed = fw_spec.get("labels", [])
+        computed = list(fw_spec.get("labels", []))
+        # a Label firework that FIZZLED (a stock rlaunch interrupted, a bug) pushed nothing: its
+        # structure is recorded as a failed call, never silently left out
+        delivered = {item["candidate"]["hash"] for item in computed}
+        computed += [{"candidate": c, "result": failures.lost(
+                        "its oracle firework ended without a result (FIZZLED; `lpad get_fws -s FIZZLED -d more` "
+                        "shows why)")} for c in self.get("computing", []) if c["hash"] not in delivered]
         outcome = steps.merge(store, campaign, i, computed, self["reused"], self.get("key"))
         data = {"decision": outcome.decision.reason, "paid": outcome.paid, "reused": outcome.reused}
         if outcome.decision.done:

@@ -48,7 +48,7 @@ def label_round(
         for k, c in enumerate(to_compute)
     ]
     merge = Firework(
-        [MergeTask(campaign=name, iteration=iteration, reused=reused,
+        [MergeTask(campaign=name, iteration=iteration, reused=reused, computing=[c.to_dict() for c in to_compute],
                    key=key.to_dict() if key else None, trajectory=trajectory)],
         spec={**ML, "_allow_fizzled_parents": True},  # a lost label must not hang the campaign
         name=f"{name}: merge {iteration}",

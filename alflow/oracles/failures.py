@@ -78,6 +78,12 @@ def worth_retrying(label: Mapping) -> bool:
     return label["status"] == "failed" and label.get("failure_class") in RETRIED and attempts(label) < MAX_ATTEMPTS
 
 
+def lost(reason: str) -> dict:
+    """The result recorded for an oracle call whose run ended without one (its worker killed every
+    time, its firework FIZZLED): a ``crash``, which a later round may pay again."""
+    return {"status": "failed", "failure_class": "crash", "seconds": 0.0, "reason": reason[:2000]}
+
+
 class NonFiniteResult(OracleFailure):
     """The code returned NaN or infinite energy or forces."""
 

@@ -38,8 +38,14 @@ def snapshot(launchpad, path: Path) -> None:
 
     # what mongomock's own persistence writes (json_util's format), with the C JSON encoder doing
     # the walk: json_util.dumps converts the whole tree in Python first, ~5x slower (measured)
-    text = json.dumps(launchpad.connection._store.to_dict(), default=json_util.default)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".store-", suffix=".tmp")
+    write_atomically(path, json.dumps(launchpad.connection._store.to_dict(), default=json_util.default))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path``: temp file, fsync, rename, fsync the directory; a crash leaves the old
+    file or the new one, never a torn one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
