@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from alflow.fw.worker import PID_FILE as WORKER_PID  # a worker writes it in its launch directory as it starts
 from alflow.status import CTRL_C, failed_launch, failure_line, last_error
 from alflow.store.embedded import (  # noqa: F401 (STORE_FILE, snapshot, use_store: this module's API too)
     STORE_FILE,
@@ -315,7 +316,10 @@ class EmbeddedRunner:
         self.lp.forget_offline(launch_id)
         if self._complete_from_result(launch_id, fw_id, launch_dir):  # paid, killed before it was reported
             return
-        runs = self.lp.launches.count_documents({"fw_id": fw_id})
+        # the runs whose worker started (a runner killed between reserving and starting it costs
+        # the structure nothing)
+        runs = sum((Path(launch["launch_dir"]) / WORKER_PID).is_file()
+                   for launch in self.lp.launches.find({"fw_id": fw_id}, {"launch_dir": 1}))
         if runs >= MAX_LOST_RUNS and self._record_lost_label(launch_id, fw_id, launch_dir, runs):
             return
         self.lp.rerun_fw(fw_id)
@@ -357,7 +361,7 @@ class EmbeddedRunner:
         for launch_id, run in offline.items():
             launch = self.lp.launches.find_one({"launch_id": launch_id}, {"launch_dir": 1})
             launch_dir = Path(launch["launch_dir"]) if launch else None
-            pid_file = launch_dir / "worker.pid" if launch_dir else None
+            pid_file = launch_dir / WORKER_PID if launch_dir else None
             pid = _read_pid(pid_file) if pid_file else None
             if pid is not None and _worker_running(pid, launch_dir):
                 self.active[launch_id] = Worker(launch_id, run["fw_id"], launch_dir, pid)

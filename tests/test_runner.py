@@ -350,22 +350,12 @@ def test_submit_to_a_database_fireworks_never_used(tmp_path, monkeypatch):
 def test_resume_reruns_a_firework_a_ctrl_c_stopped_only_while_what_follows_has_not_run(tmp_path, monkeypatch):
     """FireWorks reruns a firework's descendants with it: a Ctrl-C'd firework whose child already
     ran (a merge that went on without it) is left as it is, or the child's labels are paid again."""
-    import fireworks.core.launchpad as fw_launchpad
-    import mongomock
-    from fireworks import Firework, FWorker, LaunchPad, PyTask, ScriptTask, Workflow
+    from fireworks import Firework, FWorker, PyTask, ScriptTask, Workflow
     from fireworks.core.rocket_launcher import launch_rocket
-    from mongomock.store import ServerStore
-
-    import mongomock.gridfs
 
     from alflow.runner import EmbeddedRunner
 
-    mongomock.gridfs.enable_gridfs_integration()
-    server = ServerStore()
-    monkeypatch.setattr(fw_launchpad, "MongoClient", lambda *a, **k: mongomock.MongoClient(_store=server))
-    monkeypatch.chdir(tmp_path)
-    lp = LaunchPad(name="alflow", strm_lvl="ERROR")
-    lp.reset("", require_password=False)
+    lp = mongomock_launchpad(monkeypatch, tmp_path)
     for name in ("ran", "waits"):
         stopped = Firework([PyTask(func="flaky_oracle.interrupt")], name=f"{name}: stopped")
         child = Firework([ScriptTask.from_str("true")], name=f"{name}: child", spec={"_allow_fizzled_parents": True})
@@ -378,3 +368,52 @@ def test_resume_reruns_a_firework_a_ctrl_c_stopped_only_while_what_follows_has_n
     EmbeddedRunner(lp, None, progress=lambda line: None, launches=tmp_path / "launches").adopt()
     assert (state("ran: stopped"), state("ran: child")) == ("FIZZLED", "COMPLETED")  # nothing paid twice
     assert state("waits: stopped") in ("READY", "WAITING")  # its child has not run: redone
+
+
+def mongomock_launchpad(monkeypatch, folder: Path):
+    """A fresh LaunchPad on an in-memory mongomock server, working in ``folder``."""
+    import fireworks.core.launchpad as fw_launchpad
+    import mongomock
+    import mongomock.gridfs
+    from fireworks import LaunchPad
+    from mongomock.store import ServerStore
+
+    mongomock.gridfs.enable_gridfs_integration()
+    server = ServerStore()
+    monkeypatch.setattr(fw_launchpad, "MongoClient", lambda *a, **k: mongomock.MongoClient(_store=server))
+    monkeypatch.chdir(folder)
+    lp = LaunchPad(name="alflow", strm_lvl="ERROR")
+    lp.reset("", require_password=False)
+    return lp
+
+
+@pytest.mark.parametrize("started", [False, True])
+def test_only_workers_that_started_count_against_the_structure(tmp_path, monkeypatch, started):
+    """A runner killed between reserving an oracle firework and starting its worker leaves a launch
+    that never ran: resume reruns it as often as that happens. Workers that did start and died
+    count: the third is recorded as a crash."""
+    import tempfile
+
+    from fireworks import Firework, FWorker
+
+    from alflow.campaign import Candidate
+    from alflow.fw.tasks import LabelTask
+    from alflow.runner import EmbeddedRunner
+
+    lp = mongomock_launchpad(monkeypatch, tmp_path)
+    task = LabelTask(candidate=Candidate.of(co_cu100(), "query").to_dict(), oracle={"kind": "emt"})
+    lp.add_wf(Firework([task], spec={"_category": "dft"}, name="md: label 1.0"))
+    runner = EmbeddedRunner(lp, None, progress=lambda line: None, launches=tmp_path / "launches")
+    for run in range(1, 5):
+        launch_dir = Path(tempfile.mkdtemp(dir=tmp_path))
+        fw, launch_id = lp.reserve_fw(FWorker(category="dft"), str(launch_dir))
+        lp.add_offline_run(launch_id, fw.fw_id, fw.name)
+        if started:
+            (launch_dir / "worker.pid").write_text("1")
+        runner.recover(launch_id, fw.fw_id, launch_dir)
+        state = lp.fireworks.find_one({"fw_id": fw.fw_id})["state"]
+        if started and run == 3:
+            assert state == "COMPLETED"
+            break
+        assert state == "READY"
+    assert run == (3 if started else 4)
