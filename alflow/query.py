@@ -289,8 +289,9 @@ def get_strategy(name: str) -> Strategy:
         raise ValueError(f"query strategy plug-in {name!r} must read 'package.module:function'")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"query strategy plug-in {name!r}: cannot import module {module_name!r} ({exc})") from exc
+    except Exception as exc:  # not found, or the module itself fails as it is imported
+        raise ValueError(f"query strategy plug-in {name!r}: cannot import module {module_name!r} "
+                         f"({type(exc).__name__}: {exc})") from exc
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

@@ -35,6 +35,7 @@ import yaml
 from ase import Atoms
 from ase.io import read
 
+from alflow.constraints import free_mask
 from alflow.model.morse import DEFAULT_SWITCH_WIDTH as MORSE_SWITCH_WIDTH
 from alflow.model.morse import MissingMorseParameters, lookup
 from alflow.oracles import emt_options, import_callable
@@ -48,14 +49,18 @@ class SpecError(ValueError):
 # field checks
 
 
-#: seeds are offset per round and stored (BSON: 64-bit integers): 2^62 leaves the offsets room
-MAX_SEED = 2**62
+#: every integer is stored (BSON: 64-bit integers); seeds are offset per round: 2^62 leaves them room
+MAX_INTEGER = MAX_SEED = 2**62
 
 
 def _integer(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:
+    """An int in [lo, hi]; above MAX_INTEGER in any case (said only when exceeded, if hi is not given)."""
+    top = MAX_INTEGER if hi is None else hi
+
     def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or (hi is not None and v > hi):
-            bounds = (f" >= {lo}" if lo is not None else "") + (f" and <= {hi}" if hi is not None else "")
+        if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or v > top:
+            shown = hi if hi is not None or not isinstance(v, int) or isinstance(v, bool) or v <= top else top
+            bounds = (f" >= {lo}" if lo is not None else "") + (f" and <= {shown}" if shown is not None else "")
             raise ValueError(f"must be an integer{bounds}, got {v!r}")
         return v
 
@@ -244,6 +249,9 @@ def _system(raw: Any, base: Path, kind: str, where: tuple[str, ...]) -> tuple[di
     if kind == "neb" and (not np.allclose(images[0].cell.array, images[1].cell.array)
                           or not np.array_equal(images[0].pbc, images[1].pbc)):
         raise SpecError(f"{_at(where)}: initial and final must have the same cell and pbc")
+    if kind == "neb" and not np.array_equal(free_mask(images[0]), free_mask(images[1])):
+        # the band's images take the initial state's constraints: the final state's relaxation must too
+        raise SpecError(f"{_at(where)}: initial and final must fix the same atoms (FixAtoms)")
     return system, images
 
 
@@ -406,9 +414,12 @@ def _learner(raw: Any, kind: str, where: tuple[str, ...]) -> dict:
     if kind == "md" and samples < 1:  # an integer >= 0 by now
         raise SpecError(f"{_at(where + ('query', 'samples'))}: must be >= 1 for MD (the frames each round labels "
                         f"are those the stop criterion validates on), got {samples}")
-    bad = query.option_error(strategy, q)
+    try:
+        bad = query.option_error(strategy, q)
+    except (ValueError, TypeError) as exc:  # a plug-in whose signature cannot be read
+        raise SpecError(f"{_at(where + ('query', 'strategy'))}: {exc}") from None
     if bad is not None:
-        raise SpecError(f"{_at(where + ('query', bad[0]))}: {bad[1]}")
+        raise SpecError(f"{_at(where + ('query', str(bad[0])))}: {bad[1]}")
     learner["query"] = {"strategy": strategy, "samples": samples, "options": q}
     if isinstance(learner["stop"], Mapping) and "endpoint_gap" in learner["stop"] and (
             q.get("endpoints") != "initial" or learner["kind"] != "offline"):
@@ -452,6 +463,10 @@ def parse_spec(data: Any, path: Path) -> CampaignSpec:
     results = (base / (raw["results"] or f"results/{name}")).resolve()
     if results.exists() and not results.is_dir():
         raise SpecError(f"{_at(where + ('results',))}: {results} exists and is not a directory")
+    learner = _learner(raw["learner"], kind, where + ("learner",))
+    if learner["kind"] == "online" and model["ensemble"] < 2:
+        raise SpecError(f"{_at(where + ('model', 'ensemble'))}: online learning needs >= 2 members (the oracle is "
+                        f"called where they disagree; one member never does), got {model['ensemble']}")
     return CampaignSpec(
         name=name,
         path=path.resolve(),
@@ -461,7 +476,7 @@ def parse_spec(data: Any, path: Path) -> CampaignSpec:
         simulation=simulation,
         oracle=_oracle(raw["oracle"], where + ("oracle",), base),
         model=model,
-        learner=_learner(raw["learner"], kind, where + ("learner",)),
+        learner=learner,
         results=results,
         report=_report(raw["report"], where + ("report",)),
     )

@@ -60,6 +60,14 @@ def max_force(forces: Any, free_mask: Any = None) -> float:
     return float(np.linalg.norm(f, axis=1).max())
 
 
+def _finite(value: numbers.Real) -> bool:
+    """math.isfinite, False for an integer too large for a float (a 400-digit number in a spec)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass
 class StopState:
     """What is known after an iteration merged its labels."""
@@ -114,14 +122,14 @@ class StopCriteria:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"stop criterion {name!r} must be an integer >= 1; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= 2**62:
+                raise ValueError(f"stop criterion {name!r} must be an integer >= 1 (and <= 2^62: stored); got {value!r}")
             setattr(self, name, int(value))
         for name in _CONVERGENCE_KIND:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite(value) or value <= 0:
                 raise ValueError(f"stop criterion {name!r} must be a finite number > 0; got {value!r}")
             setattr(self, name, float(value))
 

@@ -156,6 +156,16 @@ def test_neb_band_matching_keys(folder):
          r"campaign.yaml: model.descriptor: g4_zetas must be a non-empty list of numbers 0 or in \[1, 64\]"),
         (dict(model__hidden=[5000]), r"campaign.yaml: model.hidden: must be a non-empty list of integers 1-4096"),
         (dict(model__force_coefficient=10**400), r"campaign.yaml: model.force_coefficient: must be a finite number"),
+        (dict(learner__stop={"fmax": 10**400}), r"campaign.yaml: learner.stop: stop criterion 'fmax' must be a finite"),
+        (dict(learner__stop={"fmax": 0.05, "max_oracle_calls": 2**64}),  # past a stored (64-bit) integer
+         r"campaign.yaml: learner.stop: stop criterion 'max_oracle_calls' must be an integer >= 1 \(and <= 2\^62"),
+        (dict(learner__kind="online", model__ensemble=1),
+         r"campaign.yaml: model.ensemble: online learning needs >= 2 members .*got 1"),
+        (dict(model__epochs=2**64), r"campaign.yaml: model.epochs: must be an integer >= 1 and <= 4611686018427387904, got"),
+        (dict(learner__query={"strategy": "random", "samples": 1, 3: "x"}),
+         r"campaign.yaml: learner.query.3: not an option of query strategy 'random'"),
+        (dict(learner__query__strategy="broken_plugin:pick"),  # the module raises as it is imported
+         r"campaign.yaml: learner.query.strategy: .*cannot import module 'broken_plugin' \(RuntimeError: this plug-in"),
     ],
 )
 def test_bad_fields_give_one_line_errors_naming_them(folder, changes, message):
@@ -211,6 +221,11 @@ def test_what_would_fail_only_after_paying_is_refused_first(folder):
     final.set_cell(final.cell * 1.01, scale_atoms=True)
     write(folder / "stretched.traj", final)
     with pytest.raises(SpecError, match=r"campaign.yaml: system: initial and final must have the same cell and pbc"):
+        load_spec(spec_file(folder, neb))
+    _, final = o_cu100_neb_endpoints()
+    final.set_constraint()  # e.g. an .xyz final state, which keeps no constraints: its slab would relax freely
+    write(folder / "stretched.traj", final)
+    with pytest.raises(SpecError, match=r"campaign.yaml: system: initial and final must fix the same atoms"):
         load_spec(spec_file(folder, neb))
 
 
