@@ -99,7 +99,7 @@ class OnlineLearner(Calculator):
             self.results = self._label_results(known, 0.0)
             return
         ml = self._ml_results(self.atoms)
-        unsure = ml is None or ml["uncertainty"] > self.threshold
+        unsure = ml is None or not ml["uncertainty"] <= self.threshold  # NaN (a diverged member): unsure
         if unsure and self._budget_left():
             self.oracle_calls += 1
             labelled = self.oracle(self.atoms.copy())
@@ -206,6 +206,9 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
     pot = steps.new_potential(campaign, iteration).fit(training)
     # the round's checks after the simulation: key structure (NEB: and its initial state), or MD's validation
     checks = {"relax": 1, "neb": 2, "md": spec["learner"]["query"]["samples"]}[kind]
+    # a relaxation goes on from the last round's checked minimum, which the learner answers with its
+    # label: relaxed only to a simulation.fmax above the stop's, it would end there at once
+    relax_fmax = steps.refine_fmax(spec) if kind == "relax" else None
     while True:
         oracle = StoreOracle(store, campaign, iteration)
         budget = criteria.remaining_oracle_calls(campaign["counters"]["oracle_calls"])
@@ -216,7 +219,9 @@ def run_online(store, campaign: Mapping, iteration: int = 1):
         def affordable() -> bool:
             return budget is None or oracle.paid() < budget
         start = time.perf_counter()
-        result = steps.run_simulation(learner.fork, campaign, iteration, starts)
+        simulated = campaign if relax_fmax is None else {**campaign, "spec": {
+            **campaign["spec"], "simulation": {**campaign["spec"]["simulation"], "fmax": relax_fmax}}}
+        result = steps.run_simulation(learner.fork, simulated, iteration, starts)
         frames = result.band if kind == "neb" else result.frames
         trajectory = store.save_trajectory(frames, name, iteration, kind)
         store.record_iteration(name, iteration, steps.simulation_metrics(result, time.perf_counter() - start),

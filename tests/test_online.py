@@ -130,3 +130,35 @@ def test_online_neb_checks_the_model_s_own_saddle_energy_and_the_barrier(tmp_pat
     assert key["prediction"]["energy"] != label["energy"]
     assert outcome.metrics["saddle_energy_error"] == abs(key["prediction"]["energy"] - label["energy"]) > 0
     assert outcome.metrics["barrier_error"] >= 0 and "initial" in key["prediction"]
+
+
+def test_a_nan_uncertainty_asks_the_oracle():
+    """A diverged member makes the ensemble's spread NaN: that is not confidence."""
+    calc = learner(threshold=0.05)
+    atoms = c_cu100()
+    atoms.calc = calc
+    atoms.get_forces()  # no model yet: the oracle answers
+    real = calc._ml_results
+    calc._ml_results = lambda a: {**real(a), "uncertainty": float("nan")}
+    atoms.positions[12, 2] -= 0.01
+    atoms.get_forces()
+    assert calc.oracle_calls == 2
+
+
+def test_an_online_relaxation_goes_below_the_stop_fmax_whatever_simulation_fmax_says(tmp_path, monkeypatch):
+    """Each round relaxes on from the last checked minimum, which the learner answers with its
+    label: with simulation.fmax 0.05 a minimum checked at 0.04 (above the stop's 0.03) would end
+    the next relaxation at once, and the campaign would stop having learned nothing."""
+    from ase.io import write
+
+    from alflow import simulate
+    from alflow.online import run_online
+
+    write(tmp_path / "s.traj", c_cu100())
+    store, campaign = _online_campaign(tmp_path, {"structure": "s.traj"}, {"kind": "relax", "fmax": 0.05, "steps": 2},
+                                       {"fmax": 0.03, "max_iterations": 1})
+    used, relax = [], simulate.relax
+    monkeypatch.setattr(simulate, "relax", lambda atoms, calc, settings: used.append(settings.fmax) or
+                        relax(atoms, calc, settings))
+    run_online(store, campaign, 1)
+    assert used == [0.03]
