@@ -329,6 +329,7 @@ class EmbeddedRunner:
         (:data:`~alflow.fw.tasks.LABEL_RESULT`) when the run was killed before FireWorks recorded
         it: that call is paid, never paid again. False when there is no such label."""
         from alflow.fw.tasks import LABEL_RESULT, LabelTask, label_action
+
         try:
             result = json.loads((launch_dir / LABEL_RESULT).read_text())
         except (OSError, ValueError):

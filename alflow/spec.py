@@ -59,7 +59,8 @@ def _integer(lo: int | None = None, hi: int | None = None) -> Callable[[Any], in
 
     def check(v):
         if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo) or v > top:
-            shown = hi if hi is not None or not isinstance(v, int) or isinstance(v, bool) or v <= top else top
+            over = isinstance(v, int) and not isinstance(v, bool) and v > top
+            shown = hi if hi is not None else (top if over else None)
             bounds = (f" >= {lo}" if lo is not None else "") + (f" and <= {shown}" if shown is not None else "")
             raise ValueError(f"must be an integer{bounds}, got {v!r}")
         return v
