@@ -39,6 +39,7 @@ from alflow.constraints import free_mask
 from alflow.model.morse import DEFAULT_SWITCH_WIDTH as MORSE_SWITCH_WIDTH
 from alflow.model.morse import MissingMorseParameters, lookup
 from alflow.oracles import emt_options, import_callable
+from alflow.stop import MAX_INTEGER
 
 
 class SpecError(ValueError):
@@ -49,8 +50,7 @@ class SpecError(ValueError):
 # field checks
 
 
-#: every integer is stored (BSON: 64-bit integers); seeds are offset per round: 2^62 leaves them room
-MAX_INTEGER = MAX_SEED = 2**62
+MAX_SEED = MAX_INTEGER  # seeds are offset per round: 2^62 leaves them room below BSON's 2^63
 
 
 def _integer(lo: int | None = None, hi: int | None = None) -> Callable[[Any], int]:

@@ -60,6 +60,10 @@ def max_force(forces: Any, free_mask: Any = None) -> float:
     return float(np.linalg.norm(f, axis=1).max())
 
 
+#: the largest integer a spec may give (stored as BSON 64-bit integers; seeds are offset per round: room)
+MAX_INTEGER = 2**62
+
+
 def _finite(value: numbers.Real) -> bool:
     """math.isfinite, False for an integer too large for a float (a 400-digit number in a spec)."""
     try:
@@ -122,7 +126,7 @@ class StopCriteria:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= 2**62:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_INTEGER:
                 raise ValueError(f"stop criterion {name!r} must be an integer >= 1 (and <= 2^62: stored); got {value!r}")
             setattr(self, name, int(value))
         for name in _CONVERGENCE_KIND:

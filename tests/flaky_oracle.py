@@ -8,7 +8,10 @@ from ase.calculators.emt import EMT
 
 
 class FlakyEMT(EMT):
-    """EMT that raises on every ``period``-th energy evaluation (counted in a file, across processes)."""
+    """EMT that raises ``error`` on every ``period``-th energy evaluation (counted in a file, across processes)."""
+
+    error: type[BaseException] = RuntimeError
+    what = "simulated SCF failure"
 
     def __init__(self, counter: str, period: int = 2):
         super().__init__()
@@ -18,7 +21,7 @@ class FlakyEMT(EMT):
         n = int(self.counter.read_text()) + 1 if self.counter.exists() else 1
         self.counter.write_text(str(n))
         if n % self.period == 0:
-            raise RuntimeError(f"simulated SCF failure on call {n}")
+            raise self.error(f"{self.what} on call {n}")
         super().calculate(atoms, properties, system_changes)
 
 
@@ -77,20 +80,10 @@ def code_logging_emt(log: str, seconds: float = 0.0) -> EMT:
     return CodeLoggingEMT(log, seconds)
 
 
-class ExitingEMT(EMT):
-    """EMT that raises SystemExit (not an Exception: no oracle failure, the firework's own) on
-    every ``period``-th calculation, counted in ``counter`` across processes."""
+class ExitingEMT(FlakyEMT):
+    """FlakyEMT raising SystemExit: not an Exception, so no oracle failure but the firework's own."""
 
-    def __init__(self, counter: str, period: int = 3):
-        super().__init__()
-        self.counter, self.period = Path(counter), period
-
-    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
-        with open(self.counter, "ab") as fh:
-            fh.write(b".")
-        if self.counter.stat().st_size % self.period == 0:
-            raise SystemExit(f"simulated exit on call {self.counter.stat().st_size}")
-        super().calculate(atoms, properties, system_changes)
+    error, what = SystemExit, "simulated exit"
 
 
 def exiting_emt(counter: str, period: int = 3) -> EMT:
