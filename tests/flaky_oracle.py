@@ -7,6 +7,19 @@ from pathlib import Path
 from ase.calculators.emt import EMT
 
 
+def count_call(counter: Path) -> int:
+    """Count one call in ``counter`` and return the calls so far: one byte appended per call, an
+    append being atomic across processes (a read-then-write count could lose calls made at once)."""
+    with open(counter, "ab") as fh:
+        fh.write(b".")
+    return counter.stat().st_size
+
+
+def calls_made(counter: Path) -> int:
+    """The calls counted in ``counter`` by :func:`count_call` (0 before the first)."""
+    return counter.stat().st_size if counter.exists() else 0
+
+
 class FlakyEMT(EMT):
     """EMT that raises ``error`` on every ``period``-th energy evaluation (counted in a file, across processes)."""
 
@@ -18,8 +31,7 @@ class FlakyEMT(EMT):
         self.counter, self.period = Path(counter), period
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=()):
-        n = int(self.counter.read_text()) + 1 if self.counter.exists() else 1
-        self.counter.write_text(str(n))
+        n = count_call(self.counter)
         if n % self.period == 0:
             raise self.error(f"{self.what} on call {n}")
         super().calculate(atoms, properties, system_changes)
@@ -30,7 +42,7 @@ def flaky_emt(counter: str, period: int = 2) -> EMT:
 
 
 def counting_emt(counter: str) -> EMT:
-    """EMT that appends one line per calculation to ``counter`` (to prove no call is repaid)."""
+    """EMT that counts its calculations in ``counter`` (:func:`calls_made`; to prove no call is repaid)."""
     return FlakyEMT(counter, period=10**9)
 
 
@@ -99,10 +111,7 @@ class FlakyLoggingEMT(LoggingEMT):
         self.period = period
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=()):
-        counter = Path(str(self.log) + ".count")
-        with open(counter, "ab") as fh:
-            fh.write(b".")
-        n = counter.stat().st_size
+        n = count_call(Path(str(self.log) + ".count"))
         if n % self.period == 0:
             raise RuntimeError(f"simulated SCF failure on call {n}")
         super().calculate(atoms, properties, system_changes)
