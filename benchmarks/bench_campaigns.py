@@ -129,7 +129,6 @@ def spec_with(example: str, seed: int, prior: str, overrides: dict, folder: Path
     return path
 
 
-
 def validate_trajectory(path: str, start, oracle: dict, frames: int, seed: int) -> dict:
     """Energy MAE (eV) and force MAE (eV/Å, components of free atoms) of an ML trajectory's
     recorded predictions against the oracle, on ``frames`` of its frames drawn at random."""

@@ -43,7 +43,6 @@ def counted(run) -> tuple[simulate.SimulationResult, int]:
     return result, CountingEMT.calls
 
 
-
 def run_example(tmp_path: Path, example: str, **overrides) -> dict:
     """Run ``workflows/<example>.yaml`` (sections updated by ``overrides``) in ``tmp_path``."""
     for f in WORKFLOWS.glob("*.traj"):

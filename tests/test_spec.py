@@ -206,7 +206,6 @@ def test_validation_writes_nothing(folder):
     assert sorted(p.name for p in folder.iterdir()) == sorted(before + ["bad.yaml"])
 
 
-
 def test_what_would_fail_only_after_paying_is_refused_first(folder):
     """Spec errors that used to surface at the first label or training, after calls were paid."""
     from ase.build import bulk
